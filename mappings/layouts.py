@@ -1,0 +1,37 @@
+"""The layout transforms of ``Layout``, TF array -> PyTorch tensor and back (shapes only)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .rules import Layout
+
+# Axis permutation applied to the TF array.
+_PERMUTATIONS = {
+    Layout.CONV2D_HWIO_TO_OIHW: (3, 2, 0, 1),     # [kh, kw, in, out] -> [out, in, kh, kw]
+    Layout.DEPTHWISE_HWCM_TO_OIHW: (2, 3, 0, 1),  # [kh, kw, C, 1] -> [C, 1, kh, kw]
+}
+
+
+def to_torch(array: np.ndarray, layout: Layout) -> torch.Tensor:
+    """A contiguous float tensor in PyTorch layout from a TF checkpoint array."""
+    permutation = _PERMUTATIONS.get(layout)
+    if permutation is not None:
+        array = np.transpose(array, permutation)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    permutation = _PERMUTATIONS.get(layout)
+    return tuple(tf_shape[i] for i in permutation) if permutation else tuple(tf_shape)
+
+
+def tf_shape(torch_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    permutation = _PERMUTATIONS.get(layout)
+    if not permutation:
+        return tuple(torch_shape)
+    shape = [0] * len(permutation)
+    for pt_axis, tf_axis in enumerate(permutation):
+        shape[tf_axis] = torch_shape[pt_axis]
+    return tuple(shape)
+

@@ -1,0 +1,176 @@
+"""Detector configuration: automl's ``default_detection_configs`` plus per-variant deltas.
+
+Field names are automl's (hparams_config.py), so a value can be checked against an automl
+config or a reference manifest by name. Only what differs from the default is written per
+variant, as in automl's ``efficientdet_model_param_dict``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+ImageSize = Union[int, str, Sequence[int]]
+AspectRatio = Union[float, tuple[float, float]]
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)   # 255 * (0.485, 0.456, 0.406)
+IMAGENET_STDDEV_RGB = (58.395, 57.12, 57.375)   # 255 * (0.229, 0.224, 0.225)
+LITE_MEAN_RGB = 127.0                           # hparams_config.py efficientdet-lite*
+LITE_STDDEV_RGB = 128.0
+ADVPROP_MEAN_RGB = 127.5                        # AdvProp checkpoints take inputs in [-1, 1]
+ADVPROP_STDDEV_RGB = 127.5
+
+FUSION_METHODS = ("fastattn", "attn", "sum", "channel_attn", "channel_fastattn")
+
+
+def parse_image_size(image_size: ImageSize) -> tuple[int, int]:
+    """automl ``utils.parse_image_size``: int -> square, 'WxH' -> (H, W); returns (H, W)."""
+    if isinstance(image_size, bool):
+        raise ValueError(f"invalid image_size {image_size!r}")
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if isinstance(image_size, str):
+        try:
+            width, height = (int(v) for v in image_size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"image_size {image_size!r} is not an int or a 'WxH' string") from None
+        return height, width
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+@dataclass(frozen=True)
+class DetConfig:
+    """One EfficientDet model. Defaults are automl's ``default_detection_configs``."""
+
+    name: str = "efficientdet-d1"
+    image_size: tuple[int, int] = (640, 640)       # (H, W) of the network input
+    num_classes: int = 90
+    backbone_name: str = "efficientnet-b1"
+    # Feature network.
+    min_level: int = 3
+    max_level: int = 7
+    fpn_name: str = "bifpn"
+    fpn_weight_method: str = "fastattn"
+    fpn_num_filters: int = 88
+    fpn_cell_repeats: int = 4
+    separable_conv: bool = True
+    apply_bn_for_resampling: bool = True
+    conv_after_downsample: bool = False
+    conv_bn_act_pattern: bool = False
+    # Heads.
+    box_class_repeats: int = 3
+    survival_prob: float | None = None              # head residual + drop-connect; off in releases
+    act_type: str = "swish"
+    # Anchors: floats use automl's sqrt form; (x, y) pairs give the pre-2020-09 tuple form.
+    num_scales: int = 3
+    aspect_ratios: tuple[AspectRatio, ...] = (1.0, 2.0, 0.5)
+    anchor_scale: float = 4.0
+    # Input normalisation (dataloader.py): (x - mean_rgb) / stddev_rgb.
+    mean_rgb: tuple[float, ...] | float = IMAGENET_MEAN_RGB
+    stddev_rgb: tuple[float, ...] | float = IMAGENET_STDDEV_RGB
+    # Evaluation NMS (hparams_config.py nms_configs); see model.postprocess.NmsConfig.
+    nms_configs: Mapping[str, Any] = field(default_factory=lambda: {
+        "method": "gaussian", "iou_thresh": None, "score_thresh": 0.0, "sigma": None,
+        "pyfunc": False, "max_nms_inputs": 0, "max_output_size": 100})
+    moving_average_decay: float = 0.9998
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        ratios = tuple(tuple(float(v) for v in r) if isinstance(r, (list, tuple)) else float(r)
+                       for r in self.aspect_ratios)
+        object.__setattr__(self, "aspect_ratios", ratios)
+        for name in ("mean_rgb", "stddev_rgb"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        object.__setattr__(self, "nms_configs", dict(self.nms_configs))
+        if self.fpn_weight_method not in FUSION_METHODS:
+            raise ValueError(f"unknown fpn_weight_method {self.fpn_weight_method!r}; "
+                             f"known: {FUSION_METHODS}")
+        if self.fpn_name != "bifpn":
+            raise ValueError(f"fpn_name {self.fpn_name!r} is not supported (only 'bifpn')")
+        if not 3 <= self.min_level <= self.max_level:
+            raise ValueError("need 3 <= min_level <= max_level")
+        if self.num_classes < 1:
+            raise ValueError("num_classes must be positive")
+
+    @property
+    def num_levels(self) -> int:
+        return self.max_level - self.min_level + 1
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per location (num_scales * len(aspect_ratios))."""
+        return self.num_scales * len(self.aspect_ratios)
+
+    def replace(self, **changes: Any) -> "DetConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict that ``DetConfig.from_dict`` reads back."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {unknown}")
+        return cls(**values)
+
+
+# Deltas from the default per released variant (hparams_config.py efficientdet_model_param_dict
+# and efficientdet_lite_param_dict @ 6a54c87).
+_LITE = dict(act_type="relu6", fpn_weight_method="sum", mean_rgb=LITE_MEAN_RGB,
+             stddev_rgb=LITE_STDDEV_RGB)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "efficientdet-d0": dict(backbone_name="efficientnet-b0", image_size=512, fpn_num_filters=64,
+                            fpn_cell_repeats=3, box_class_repeats=3),
+    "efficientdet-d1": dict(backbone_name="efficientnet-b1", image_size=640, fpn_num_filters=88,
+                            fpn_cell_repeats=4, box_class_repeats=3),
+    "efficientdet-d2": dict(backbone_name="efficientnet-b2", image_size=768, fpn_num_filters=112,
+                            fpn_cell_repeats=5, box_class_repeats=3),
+    "efficientdet-d3": dict(backbone_name="efficientnet-b3", image_size=896, fpn_num_filters=160,
+                            fpn_cell_repeats=6, box_class_repeats=4),
+    "efficientdet-d4": dict(backbone_name="efficientnet-b4", image_size=1024, fpn_num_filters=224,
+                            fpn_cell_repeats=7, box_class_repeats=4),
+    "efficientdet-d5": dict(backbone_name="efficientnet-b5", image_size=1280, fpn_num_filters=288,
+                            fpn_cell_repeats=7, box_class_repeats=4),
+    "efficientdet-d6": dict(backbone_name="efficientnet-b6", image_size=1280, fpn_num_filters=384,
+                            fpn_cell_repeats=8, box_class_repeats=5, fpn_weight_method="sum"),
+    "efficientdet-d7": dict(backbone_name="efficientnet-b6", image_size=1536, fpn_num_filters=384,
+                            fpn_cell_repeats=8, box_class_repeats=5, anchor_scale=5.0,
+                            fpn_weight_method="sum"),
+    "efficientdet-d7x": dict(backbone_name="efficientnet-b7", image_size=1536, fpn_num_filters=384,
+                             fpn_cell_repeats=8, box_class_repeats=5, anchor_scale=4.0,
+                             max_level=8, fpn_weight_method="sum"),
+    "efficientdet-lite0": dict(backbone_name="efficientnet-lite0", image_size=320,
+                               fpn_num_filters=64, fpn_cell_repeats=3, box_class_repeats=3,
+                               anchor_scale=3.0, **_LITE),
+    "efficientdet-lite1": dict(backbone_name="efficientnet-lite1", image_size=384,
+                               fpn_num_filters=88, fpn_cell_repeats=4, box_class_repeats=3,
+                               anchor_scale=3.0, **_LITE),
+    "efficientdet-lite2": dict(backbone_name="efficientnet-lite2", image_size=448,
+                               fpn_num_filters=112, fpn_cell_repeats=5, box_class_repeats=3,
+                               anchor_scale=3.0, **_LITE),
+    "efficientdet-lite3": dict(backbone_name="efficientnet-lite3", image_size=512,
+                               fpn_num_filters=160, fpn_cell_repeats=6, box_class_repeats=4,
+                               **_LITE),
+    "efficientdet-lite4": dict(backbone_name="efficientnet-lite4", image_size=640,
+                               fpn_num_filters=224, fpn_cell_repeats=7, box_class_repeats=4,
+                               **_LITE),
+}
+
+
+def get_config(name: str, **overrides: Any) -> DetConfig:
+    """The config of a released variant, with automl-named fields overridden.
+
+    ``image_size`` may be an int, ``(H, W)`` or automl's ``'WxH'`` string.
+    """
+    try:
+        deltas = VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+    return DetConfig(name=name, **{**deltas, **overrides})

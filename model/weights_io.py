@@ -1,0 +1,66 @@
+"""Reading and writing converted weights: ``.pth`` (state_dict + metadata) or ``.safetensors``.
+
+Both carry the same metadata dict (variant, full config, source checkpoint, tool version), so
+a model can be rebuilt from the file alone. Writes are atomic: a temp file in the target
+folder, then a rename, so an interrupted write never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+_SAFETENSORS_KEY = "effdet"
+
+
+def check_suffix(path: Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported weights extension {suffix!r} "
+                         f"(use one of {', '.join(WEIGHT_SUFFIXES)})")
+    return suffix
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, Any]) -> Path:
+    """Writes ``state_dict`` and JSON-safe ``metadata`` atomically; the format follows the suffix."""
+    path = Path(path)
+    suffix = check_suffix(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(tensors, tmp_name, metadata={_SAFETENSORS_KEY: json.dumps(metadata)})
+        else:
+            torch.save({"state_dict": tensors, "metadata": dict(metadata)}, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns ``(state_dict, metadata)`` from a file written by ``save_weights``."""
+    path = Path(path)
+    suffix = check_suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            metadata = json.loads((f.metadata() or {}).get(_SAFETENSORS_KEY, "{}"))
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        return state_dict, metadata
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ValueError(f"{path}: not a weights file written by this toolkit")
+    return payload["state_dict"], payload.get("metadata", {})
