@@ -1,0 +1,170 @@
+"""``convert``: an automl EfficientDet TF checkpoint -> PyTorch weights (.pth / .safetensors)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from model.config import VARIANTS
+from model.weights_io import WEIGHT_SUFFIXES, save_weights
+
+from .convert import MappingReport, convert_checkpoint
+from .detect import detect_config
+from .download import RELEASES, resolve_release
+from .errors import ConversionError, InputError, MappingError, OutputError
+from .readers import read_checkpoint
+
+CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("effdet-tf-port")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _identity(source: Path) -> str:
+    """sha256 of the checkpoint's index (TF bundles) or of the file itself (H5)."""
+    index = Path(str(source) + ".index")
+    target = index if index.is_file() else source
+    if not target.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise OutputError(f"{out}: output must end in one of {', '.join(WEIGHT_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: output folder {out.parent} does not exist")
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to overwrite")
+
+
+def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool) -> Path:
+    """A path as given, or a release name looked up in the cache / downloaded."""
+    path = Path(ckpt)
+    if path.exists():
+        return path
+    if ckpt in RELEASES:
+        return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url,
+                               progress=None if quiet else _download_progress(ckpt))
+    raise InputError(f"{ckpt}: no such file or directory, and not a release name "
+                     f"({', '.join(RELEASES)})")
+
+
+def _download_progress(name: str):
+    def report(done: int, total: int | None) -> None:
+        size = f"/{total / 1e6:.1f}" if total else ""
+        click.echo(f"\rdownloading {name}: {done / 1e6:.1f}{size} MB", err=True, nl=False)
+    return report
+
+
+def summary(report: MappingReport, config, source: Path, fmt: str, seconds: float) -> list[str]:
+    ignored = ", ".join(f"{n} {reason}" for reason, n in sorted(report.ignored.items())) or "none"
+    ema = {"shadows": "yes (ExponentialMovingAverage shadows)",
+           "model entries": "yes (already averaged in the model entries)",
+           "none": "no (raw values)"}[report.ema_source]
+    return [f"variant:   {config.name} ({config.num_classes} classes, "
+            f"image {config.image_size[1]}x{config.image_size[0]})",
+            f"source:    {source} ({fmt})",
+            f"tensors:   {report.converted} converted",
+            f"EMA used:  {ema}",
+            f"ignored:   {ignored}",
+            f"time:      {seconds:.1f} s"]
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--ckpt", required=True, metavar="PATH|NAME",
+              help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
+                   "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
+                   f".tar.gz/.tgz, or a release name ({', '.join(RELEASES)}) taken from the "
+                   "cache or downloaded.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output weights; .pth (state_dict + metadata) or .safetensors.")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None,
+              help="Variant to build; by default detected from the checkpoint's names and shapes.")
+@click.option("--no-ema", is_flag=True,
+              help="Take the raw variables instead of their ExponentialMovingAverage shadows.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where releases are downloaded and archives unpacked "
+                   "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
+@click.option("--base-url", default=None, metavar="URL",
+              help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON on stdout instead of the output path.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.version_option(tool_version(), "--version", prog_name="convert")
+def main(ckpt: str, out: Path, variant: str | None, no_ema: bool, force: bool,
+         cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
+    """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
+
+    \b
+    Examples:
+      convert --ckpt efficientdet-d4 --out d4.pth
+      convert --ckpt ./my-train-dir --out mine.safetensors --variant efficientdet-d0
+      convert --ckpt efficientdet-d0/d0.h5 --out d0.pth
+
+    Every model variable must map to exactly one PyTorch key with the right shape; otherwise
+    the unmatched names are listed and nothing is written.
+
+    \b
+    Exit codes: 0 ok, 1 mapping failure, 2 usage, 3 missing or corrupt input,
+    4 unknown, ambiguous or mismatched variant, 5 NaN/Inf in weights,
+    6 output exists or its folder is missing, 7 download failed.
+    """
+    started = time.perf_counter()
+    try:
+        check_output(out, force)
+        path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
+        contents = read_checkpoint(path, cache_dir=cache_dir)
+        config = detect_config(contents.names, variant, source=path)
+        with click.progressbar(length=1, label="converting", file=sys.stderr,
+                               hidden=quiet) as bar:
+            def progress(items):
+                items = list(items)
+                bar.length = len(items)
+                for item in items:
+                    yield item
+                    bar.update(1)
+            state_dict, report = convert_checkpoint(contents, config, use_ema=not no_ema,
+                                                    progress=progress)
+        lines = summary(report, config, contents.source, contents.format,
+                        time.perf_counter() - started)
+        metadata_ = {"variant": config.name, "config": config.to_dict(),
+                     "source": {"path": str(contents.source), "format": contents.format,
+                                "sha256": _identity(contents.source),
+                                "ema": report.ema_source},
+                     "tool": {"name": "effdet-tf-port", "version": tool_version()}}
+        save_weights(out, state_dict, metadata_)
+    except MappingError as error:
+        for line in getattr(error, "report", MappingReport()).problems():
+            click.echo(line, err=True)
+        raise _exit(error)
+    except ConversionError as error:
+        raise _exit(error)
+    if as_json:
+        click.echo(json.dumps({"out": str(out), **metadata_, "converted": report.converted,
+                               "ignored": dict(report.ignored)}))
+    else:
+        if not quiet:
+            for line in lines:
+                click.echo(line, err=True)
+        click.echo(str(out))
+
+
+def _exit(error: ConversionError) -> click.ClickException:
+    exception = click.ClickException(error.message)
+    exception.exit_code = error.exit_code
+    return exception
