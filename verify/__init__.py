@@ -1,0 +1,1 @@
+"""Verification tools: numerical parity with automl and COCO mAP evaluation."""

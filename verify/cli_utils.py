@@ -1,0 +1,89 @@
+"""Helpers shared by the ``verify`` subcommands: exit codes, error conversion, version, logging.
+
+Library code raises typed exceptions; only the CLI edge turns them into ``click.ClickException``
+(a one-line ``Error: ...`` on stderr and the exit code below, no traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import click
+
+EXIT_OK = 0
+EXIT_FAILURE = 1        # the check ran and failed (e.g. AP outside tolerance)
+EXIT_USAGE = 2          # bad command line (click's own code)
+EXIT_INPUT = 3          # missing or corrupt input file
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+DISTRIBUTION = "effdet-tf-port"
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+LOGGED_PACKAGES = ("verify", "model", "converter", "mappings")
+
+
+class CliError(click.ClickException):
+    """A ClickException with its own exit code and a message forced onto one line."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_INPUT) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    """Stop the command with ``Error: <message>`` on stderr and exit status ``code``."""
+    raise CliError(message, code)
+
+
+@contextlib.contextmanager
+def library_errors(*errors: type[BaseException], code: int = EXIT_INPUT) -> Iterator[None]:
+    """Turn the given library exception types into :class:`CliError` with ``code``."""
+    try:
+        yield
+    except errors as exc:
+        raise CliError(str(exc), code) from exc
+
+
+def package_version() -> str:
+    """Installed version of the ``effdet-tf-port`` distribution, '0.0.0' when not installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class _StderrHandler(logging.Handler):
+    """Log records to stderr through click (so CliRunner and Windows consoles see them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    """Plain message for INFO, ``warning: ...`` / ``error: ...`` above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+def setup_logging(quiet: bool) -> None:
+    """Send this project's log records to stderr: INFO and up, or WARNING and up when quiet."""
+    level = logging.WARNING if quiet else logging.INFO
+    for name in LOGGED_PACKAGES:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(handler)
+        handler = _StderrHandler()
+        handler.setFormatter(_Formatter())
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False

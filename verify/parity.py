@@ -1,0 +1,207 @@
+"""Layer-by-layer comparison of the PyTorch model against a TF reference.
+
+Every tap is compared in graph order; the first tap out of tolerance names the layer that is
+wrong (every later tap inherits its error). Detections are matched one to one per
+post-processing path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import EfficientDet, flatten_outputs
+from model.postprocess import NmsConfig, postprocess
+
+from .reference import DetectionsRef, Reference, TapRef
+
+# Tolerances, relative to the tap's scale (max |reference|). Float32 networks computed by two
+# frameworks (oneDNN vs ATen kernels, different summation orders) agree to ~1e-5 of scale at
+# the heads of d0 and drift slowly with depth; 1e-3 leaves room for the deepest variants
+# (d7x: 55 blocks, 8 BiFPN cells) while every mapping, padding or EMA mistake we tried moves
+# the first affected tap by > 1e-2 of its scale (see tests/test_parity.py).
+TAP_RTOL = 1e-3
+# The input rebuilt from the JPEG (goldens too large to store it) may differ in the last bit
+# of the resize; the network input is compared on its own scale with the same bound.
+INPUT_RTOL = 1e-3
+# Detections: boxes in original-image pixels, scores after sigmoid and soft-NMS decay.
+BOX_ATOL_PX = 0.05
+SCORE_ATOL = 5e-4
+
+
+@dataclass
+class TapResult:
+    name: str
+    shape: tuple[int, ...]
+    compared: int          # number of values compared (whole tensor or samples)
+    max_abs: float
+    mean_abs: float
+    rel_l2: float          # ||a - b|| / ||b||
+    rel_max: float         # max_abs / max |b|
+    tolerance: float
+    ok: bool
+
+
+@dataclass
+class DetectionResult:
+    path: str              # 'global' | 'per_class' | 'pyfunc'
+    expected: int
+    produced: int
+    matched: int
+    max_box_err: float
+    max_score_err: float
+    ok: bool
+
+
+@dataclass
+class ParityReport:
+    variant: str
+    weights: str
+    reference: str
+    taps: list[TapResult] = field(default_factory=list)
+    detections: list[DetectionResult] = field(default_factory=list)
+    tap_rtol: float = TAP_RTOL
+
+    @property
+    def first_divergence(self) -> str | None:
+        return next((t.name for t in self.taps if not t.ok), None)
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.taps) and all(d.ok for d in self.detections)
+
+    @property
+    def worst_rel(self) -> float:
+        return max((t.rel_max for t in self.taps), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(ok=self.ok, first_divergence=self.first_divergence,
+                    tolerances={"tap_rtol": TAP_RTOL, "input_rtol": INPUT_RTOL,
+                                "box_atol_px": BOX_ATOL_PX, "score_atol": SCORE_ATOL})
+        return data
+
+
+def compare_tap(ref: TapRef, actual_nhwc: np.ndarray, rtol: float = TAP_RTOL) -> TapResult:
+    """Compares an NHWC activation with its reference (whole or sampled)."""
+    if tuple(actual_nhwc.shape) != tuple(ref.shape):
+        return TapResult(ref.name, tuple(actual_nhwc.shape), 0, math.inf, math.inf, math.inf,
+                         math.inf, rtol, False)
+    got = ref.pick(actual_nhwc).astype(np.float64)
+    want = ref.values.astype(np.float64).reshape(got.shape)
+    diff = np.abs(got - want)
+    scale = max(float(np.abs(want).max()), 1e-12)
+    max_abs = float(diff.max())
+    rel_l2 = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+    finite = bool(np.isfinite(got).all())
+    return TapResult(ref.name, tuple(ref.shape), int(got.size), max_abs, float(diff.mean()),
+                     rel_l2, max_abs / scale, rtol, finite and max_abs <= rtol * scale)
+
+
+def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: np.ndarray,
+                     classes: np.ndarray) -> DetectionResult:
+    """Greedy one-to-one matching on (class, box within BOX_ATOL_PX, score within SCORE_ATOL)."""
+    free = np.ones(len(scores), dtype=bool)
+    matched, box_err, score_err = 0, 0.0, 0.0
+    for box, score, cls in zip(ref.boxes_yxyx, ref.scores, ref.classes):
+        errors = np.abs(boxes - box).max(axis=1) if len(boxes) else np.zeros(0)
+        candidates = free & (classes == cls) & (errors <= BOX_ATOL_PX) & \
+            (np.abs(scores - score) <= SCORE_ATOL)
+        if candidates.any():
+            best = int(np.argmin(np.where(candidates, errors, np.inf)))
+            free[best] = False
+            matched += 1
+            box_err = max(box_err, float(errors[best]))
+            score_err = max(score_err, float(abs(scores[best] - score)))
+    ok = matched == len(ref.scores) == len(scores)
+    return DetectionResult(path, len(ref.scores), len(scores), matched, box_err, score_err, ok)
+
+
+def network_input(model: EfficientDet, reference: Reference) -> tuple[torch.Tensor, float, TapResult | None]:
+    """The golden's stored input, or the input rebuilt from its image (checked on samples)."""
+    if reference.input is not None and reference.input.indices is None:
+        image = torch.from_numpy(reference.input.values).permute(0, 3, 1, 2).contiguous()
+        return image, reference.image_scale_to_original, None
+    if reference.image_file is None:
+        raise FileNotFoundError("the golden's input is not stored whole and its image was not found")
+    from model.preprocess import load_image, preprocess_batch
+    config = model.config
+    batch, scales = preprocess_batch([load_image(reference.image_file)], config.image_size,
+                                     config.mean_rgb, config.stddev_rgb)
+    check = None
+    if reference.input is not None:
+        check = compare_tap(reference.input, batch.permute(0, 2, 3, 1).numpy(), INPUT_RTOL)
+    return batch, float(scales[0]), check
+
+
+@torch.no_grad()
+def run_parity(model: EfficientDet, reference: Reference, weights: str = "", source: str = "",
+               device: str = "cpu") -> ParityReport:
+    """Runs ``model`` on the reference input and compares every tap and detection path."""
+    model = model.to(device).eval()
+    report = ParityReport(model.config.name, weights, source)
+    image, scale, input_check = network_input(model, reference)
+    if input_check is not None:
+        report.taps.append(input_check)
+    (class_outputs, box_outputs), taps = model.forward_with_taps(image.to(device))
+    for ref in reference.taps:
+        if ref.name not in taps:
+            report.taps.append(TapResult(ref.name, ref.shape, 0, math.inf, math.inf, math.inf,
+                                         math.inf, TAP_RTOL, False))
+            continue
+        actual = taps[ref.name].permute(0, 2, 3, 1).cpu().numpy()
+        report.taps.append(compare_tap(ref, actual))
+    cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
+    nms = NmsConfig(**model.config.nms_configs)
+    scales = torch.tensor([scale], dtype=torch.float32, device=device)
+    for path, ref in reference.detections.items():
+        dets = postprocess(path, cls_logits, box_deltas, model.anchors.boxes_yxyx,
+                           model.config.image_size, scales, nms)
+        valid = int(dets.valid[0])
+        report.detections.append(match_detections(
+            path, ref, dets.boxes_yxyx[0, :valid].cpu().numpy(),
+            dets.scores[0, :valid].cpu().numpy(), dets.classes[0, :valid].cpu().numpy()))
+    return report
+
+
+def format_table(report: ParityReport) -> list[str]:
+    """Human-readable rows: taps in graph order, then detections and the verdict."""
+    lines = [f"{'tap':<26} {'shape':<22} {'max abs':>9} {'rel max':>9} {'status':>6}"]
+    for t in report.taps:
+        shape = "x".join(str(d) for d in t.shape)
+        lines.append(f"{t.name:<26} {shape:<22} {t.max_abs:>9.2e} {t.rel_max:>9.2e} "
+                     f"{'ok' if t.ok else 'FAIL':>6}")
+    for d in report.detections:
+        lines.append(f"detections/{d.path:<15} matched {d.matched}/{d.expected} "
+                     f"(produced {d.produced}), max box err {d.max_box_err:.3g} px, "
+                     f"max score err {d.max_score_err:.2g}: {'ok' if d.ok else 'FAIL'}")
+    first = report.first_divergence
+    lines.append(f"first diverging tap: {first}" if first else
+                 f"all {len(report.taps)} taps within {TAP_RTOL:g} of their scale")
+    return lines
+
+
+def plot_errors(report: ParityReport, path: str | Path) -> None:
+    """Relative error of every tap in graph order (log scale) with the tolerance line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .io_utils import atomic_write_bytes
+    errors = [max(t.rel_max, 1e-12) if math.isfinite(t.rel_max) else 1.0 for t in report.taps]
+    fig, ax = plt.subplots(figsize=(max(8, len(errors) * 0.12), 4.5))
+    ax.semilogy(range(len(errors)), errors, marker=".", label="max abs error / tap scale")
+    ax.axhline(report.tap_rtol, color="red", linestyle="--", label=f"tolerance {report.tap_rtol:g}")
+    ax.set_xticks(range(len(errors)))
+    ax.set_xticklabels([t.name for t in report.taps], rotation=90, fontsize=5)
+    ax.set_title(f"{report.variant}: PyTorch vs TF per tap")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    import io
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
