@@ -1,7 +1,6 @@
 """``convert``: an automl EfficientDet TF checkpoint -> PyTorch weights (.pth / .safetensors)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -13,6 +12,7 @@ import click
 from model.config import VARIANTS
 from model.weights_io import WEIGHT_SUFFIXES, save_weights
 
+from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
 from .download import RELEASES, resolve_release
@@ -33,13 +33,7 @@ def _identity(source: Path) -> str:
     """sha256 of the checkpoint's index (TF bundles) or of the file itself (H5)."""
     index = Path(str(source) + ".index")
     target = index if index.is_file() else source
-    if not target.is_file():
-        return ""
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(target) if target.is_file() else ""
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -1,0 +1,1 @@
+"""One reader per checkpoint format; each returns a ``CheckpointContents`` under TF1 names."""
