@@ -9,6 +9,7 @@ import click
 
 from verify.cli_utils import CONTEXT_SETTINGS, package_version
 from verify.coco_cli import coco
+from verify.parity_cli import parity
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -18,6 +19,7 @@ def main() -> None:
 
 
 main.add_command(coco)
+main.add_command(parity)
 
 
 if __name__ == "__main__":

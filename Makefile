@@ -1,0 +1,44 @@
+# Set-up, the default demo, tests and the parity check against the TF reference.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REF ?= ../shared/reference
+WORK ?= out
+
+.PHONY: setup demo test verify-all mappings check-mappings bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(PY)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet tensorflow-cpu
+	$(PY) -m pip install --quiet -e '.[test]'
+
+demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -> verify parity
+	mkdir -p $(WORK)
+	$(PY) $(REF)/synth_ckpt.py --manifest $(REF)/efficientdet-d0/manifest.json --seed 0 \
+		--out $(WORK)/efficientdet-d0/model.ckpt
+	$(VENV)/bin/convert --ckpt $(WORK)/efficientdet-d0 --out $(WORK)/efficientdet-d0.pth --force
+	$(VENV)/bin/verify parity --weights $(WORK)/efficientdet-d0.pth \
+		--golden $(REF)/efficientdet-d0 --report $(WORK)/parity-d0.json --plot $(WORK)/parity-d0.png
+
+test:  ## the test suite (CPU)
+	$(PY) -m pytest -q
+
+verify-all:  ## convert and verify every golden under REF (default ../shared/reference)
+	$(PY) -m verify.verify_all --ref $(REF)
+
+mappings:  ## regenerate mappings/*.tsv from the rules
+	$(PY) -m mappings.generate
+
+check-mappings:
+	$(PY) -m mappings.generate --check
+
+bench:  ## conversion and inference benchmarks (print figures)
+	$(PY) benchmarks/bench_convert.py
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(WORK) .pytest_cache

@@ -1,0 +1,97 @@
+"""``verify parity``: the converted model against a TF reference, tap by tap.
+
+Exit codes: 0 every tap and detection path within tolerance, 1 some tap or detection
+differs, 2 usage error, 3 missing or unreadable weights / golden / checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from verify.cli_utils import CONTEXT_SETTINGS, EXIT_FAILURE, fail, library_errors
+from verify.io_utils import atomic_write_text
+
+
+@click.command("parity", context_settings=CONTEXT_SETTINGS)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Converted weights (.pth or .safetensors) written by `convert`.")
+@click.option("--golden", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Golden folder made with automl (golden.json + golden.npz), e.g. "
+                   "../shared/reference/efficientdet-d0.")
+@click.option("--golden-name", default="golden",
+              help="File stem inside --golden (golden_noema for the no-EMA d0 golden).")
+@click.option("--tf-ckpt", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Live TF mode: the TF checkpoint the weights came from (needs --automl-dir).")
+@click.option("--automl-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="EFFDET_AUTOML_DIR", show_envvar=True,
+              help="Live TF mode: a google/automl checkout (its efficientdet/ is imported).")
+@click.option("--image", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Input image for live TF mode, or to rebuild a golden's input "
+                                 "when the golden stores only samples of it [default: the "
+                                 "golden's img1.jpg found next to it].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the full comparison as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Draw every tap's relative error (log scale) to this PNG.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="Torch device for the PyTorch model.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path | None,
+           automl_dir: Path | None, image: Path | None, report_path: Path | None,
+           plot_path: Path | None, device: str, quiet: bool) -> None:
+    """Compare converted weights with TF at every tap and on the final detections.
+
+    \b
+    Golden mode:  verify parity --weights d0.pth --golden ../shared/reference/efficientdet-d0
+    Live TF mode: verify parity --weights d4.pth --tf-ckpt DIR --automl-dir PATH
+
+    Prints one row per tap in graph order (max abs error, error relative to the tap's
+    scale, status), the matching of each post-processing path's detections, and the first
+    diverging tap, which names the layer that is wrong. Tolerances are listed in
+    verify/parity.py: taps within 1e-3 of their scale, boxes within 0.05 px, scores 5e-4.
+    """
+    from model import EfficientDet
+    from verify.parity import format_table, plot_errors, run_parity
+    from verify.reference import ReferenceError, load_golden
+
+    if (golden is None) == (tf_ckpt is None):
+        fail("give exactly one of --golden DIR or --tf-ckpt DIR", 2)
+    for path in (report_path, plot_path):
+        if path is not None and not path.parent.is_dir():
+            fail(f"{path}: folder {path.parent} does not exist")
+    with library_errors(FileNotFoundError, ValueError, RuntimeError, OSError, KeyError):
+        model = EfficientDet.from_pretrained(weights)
+    if golden is not None:
+        with library_errors(ReferenceError):
+            reference = load_golden(golden, golden_name)
+        if image is not None:
+            reference.image_file = image
+        source = str(golden)
+    else:
+        if automl_dir is None:
+            fail("live TF mode needs --automl-dir (or EFFDET_AUTOML_DIR)", 2)
+        from verify.tf_live import LiveTFError, tf_reference
+        from model.preprocess import load_image
+        with library_errors(LiveTFError):
+            reference = tf_reference(automl_dir, tf_ckpt, model.config,
+                                     load_image(image) if image else None)
+        source = f"live TF: {tf_ckpt}"
+    if tuple(reference.image_hw) != tuple(model.config.image_size):
+        model = EfficientDet.from_pretrained(weights, image_size=tuple(reference.image_hw))
+    if reference.num_classes != model.config.num_classes:
+        fail(f"reference has {reference.num_classes} classes, weights "
+             f"{model.config.num_classes}", EXIT_FAILURE)
+    with library_errors(FileNotFoundError):
+        report = run_parity(model, reference, str(weights), source, device)
+    lines = format_table(report)
+    for line in (lines[-1:] if quiet else lines):
+        click.echo(line)
+    if report_path is not None:
+        atomic_write_text(report_path, json.dumps(report.to_dict(), indent=1, default=str))
+    if plot_path is not None:
+        plot_errors(report, plot_path)
+    click.echo("PASS" if report.ok else "FAIL")
+    if not report.ok:
+        raise SystemExit(EXIT_FAILURE)
