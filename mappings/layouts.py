@@ -14,11 +14,12 @@ _PERMUTATIONS = {
 
 
 def to_torch(array: np.ndarray, layout: Layout) -> torch.Tensor:
-    """A contiguous float tensor in PyTorch layout from a TF checkpoint array."""
+    """A tensor in PyTorch layout sharing the TF array's memory (a strided view, not a copy:
+    ``load_state_dict`` copies into the parameters anyway, and ``torch.save`` keeps strides)."""
     permutation = _PERMUTATIONS.get(layout)
     if permutation is not None:
         array = np.transpose(array, permutation)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(array)
 
 
 def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:

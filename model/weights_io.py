@@ -31,13 +31,14 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
     """Writes ``state_dict`` and JSON-safe ``metadata`` atomically; the format follows the suffix."""
     path = Path(path)
     suffix = check_suffix(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, tmp_name, metadata={_SAFETENSORS_KEY: json.dumps(metadata)})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_name,
+                      metadata={_SAFETENSORS_KEY: json.dumps(metadata)})
         else:
             torch.save({"state_dict": tensors, "metadata": dict(metadata)}, tmp_name)
         os.replace(tmp_name, path)
