@@ -19,12 +19,13 @@ from model.postprocess import NmsConfig, postprocess
 
 from .reference import DetectionsRef, Reference, TapRef
 
-# Tolerances, relative to the tap's scale (max |reference|). Float32 networks computed by two
-# frameworks (oneDNN vs ATen kernels, different summation orders) agree to ~1e-5 of scale at
-# the heads of d0 and drift slowly with depth; 1e-3 leaves room for the deepest variants
-# (d7x: 55 blocks, 8 BiFPN cells) while every mapping, padding or EMA mistake we tried moves
-# the first affected tap by > 1e-2 of its scale (see tests/test_parity.py).
-TAP_RTOL = 1e-3
+# Tolerances, relative to the tap's scale (max |reference|). Two float32 implementations
+# (oneDNN vs ATen kernels, other summation orders) agree to ~3e-5 of scale at the heads of
+# d0/d1; the error then grows with depth through the BiFPN's feedback (measured: d4 5e-4,
+# d7x 1.2e-3 at the box heads, diffuse: rel-L2 of the same order). 5e-3 keeps 4x headroom
+# for the deepest variants, while every mapping, padding, BN or EMA mistake moves the first
+# affected tap by > 1e-1 of its scale (tests/test_parity.py breaks each on purpose).
+TAP_RTOL = 5e-3
 # The input rebuilt from the JPEG (goldens too large to store it) may differ in the last bit
 # of the resize; the network input is compared on its own scale with the same bound.
 INPUT_RTOL = 1e-3
