@@ -5,6 +5,7 @@ pipeline (resize-and-pad, network, box decoding, one of the three post-processin
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -154,7 +155,10 @@ class EfficientDet(nn.Module):
             results.append(run_postprocess(postprocess, cls_logits, box_deltas,
                                            self.anchors.boxes_yxyx, self.config.image_size,
                                            scales.to(device), nms))
-        return Detections.concat(results) if len(results) > 1 else results[0]
+        if len(results) == 1:
+            return results[0]
+        return Detections(*(torch.cat([getattr(r, f.name) for r in results])
+                            for f in dataclasses.fields(Detections)))
 
 
 def flatten_outputs(class_outputs: list[torch.Tensor], box_outputs: list[torch.Tensor]

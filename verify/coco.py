@@ -630,7 +630,7 @@ def load_model(weights: str | os.PathLike[str], *, postprocess: str, device: str
 
     def predict(images: list[np.ndarray]) -> DetectionsLike:
         with torch.inference_mode():
-            return model.predict(images, postprocess=postprocess)
+            return model.predict(images, postprocess=postprocess, batch_size=len(images))
 
     return LoadedModel(config.name, tuple(config.image_size), dict(config.nms_configs), predict)
 
