@@ -29,9 +29,13 @@ TAP_RTOL = 5e-3
 # The input rebuilt from the JPEG (goldens too large to store it) may differ in the last bit
 # of the resize; the network input is compared on its own scale with the same bound.
 INPUT_RTOL = 1e-3
-# Detections: boxes in original-image pixels, scores after sigmoid and soft-NMS decay.
+# Detections: box corners in original-image pixels within BOX_ATOL_PX + BOX_RTOL * (box
+# extent) -- the deltas go through exp(), so a box's error scales with its size (d1 boxes
+# reach 4000 px with 0.07 px error) -- and scores (after sigmoid and soft-NMS decay) within
+# SCORE_ATOL; both sized like TAP_RTOL for the head outputs.
 BOX_ATOL_PX = 0.05
-SCORE_ATOL = 5e-4
+BOX_RTOL = 2e-3
+SCORE_ATOL = 2e-3
 
 
 @dataclass
@@ -83,7 +87,8 @@ class ParityReport:
         data = asdict(self)
         data.update(ok=self.ok, first_divergence=self.first_divergence,
                     tolerances={"tap_rtol": TAP_RTOL, "input_rtol": INPUT_RTOL,
-                                "box_atol_px": BOX_ATOL_PX, "score_atol": SCORE_ATOL})
+                                "box_atol_px": BOX_ATOL_PX, "box_rtol": BOX_RTOL,
+                                "score_atol": SCORE_ATOL})
         return data
 
 
@@ -105,12 +110,14 @@ def compare_tap(ref: TapRef, actual_nhwc: np.ndarray, rtol: float = TAP_RTOL) ->
 
 def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: np.ndarray,
                      classes: np.ndarray) -> DetectionResult:
-    """Greedy one-to-one matching on (class, box within BOX_ATOL_PX, score within SCORE_ATOL)."""
+    """Greedy one-to-one matching on class, box (BOX_ATOL_PX + BOX_RTOL * extent) and score
+    (SCORE_ATOL)."""
     free = np.ones(len(scores), dtype=bool)
     matched, box_err, score_err = 0, 0.0, 0.0
     for box, score, cls in zip(ref.boxes_yxyx, ref.scores, ref.classes):
         errors = np.abs(boxes - box).max(axis=1) if len(boxes) else np.zeros(0)
-        candidates = free & (classes == cls) & (errors <= BOX_ATOL_PX) & \
+        tolerance = BOX_ATOL_PX + BOX_RTOL * max(box[2] - box[0], box[3] - box[1])
+        candidates = free & (classes == cls) & (errors <= tolerance) & \
             (np.abs(scores - score) <= SCORE_ATOL)
         if candidates.any():
             best = int(np.argmin(np.where(candidates, errors, np.inf)))

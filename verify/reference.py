@@ -55,11 +55,13 @@ class Reference:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _tap(npz, name: str) -> TapRef | None:
+def _tap(npz, name: str, shape: list[int] | None = None) -> TapRef | None:
+    """A stored tap; sampled taps carry ``@shape`` (the input's shape is in golden.json)."""
     if name in npz:
         return TapRef(name, tuple(npz[name].shape), npz[name])
     if name + "@val" in npz:
-        return TapRef(name, tuple(int(v) for v in npz[name + "@shape"]), npz[name + "@val"],
+        shape = npz[name + "@shape"] if name + "@shape" in npz else shape
+        return TapRef(name, tuple(int(v) for v in shape), npz[name + "@val"],
                       npz[name + "@idx"].astype(np.int64))
     return None
 
@@ -98,7 +100,7 @@ def load_golden(folder: str | Path, stem: str = "golden", search: list[Path] = (
             detections[path] = DetectionsRef(npz[f"{prefix}/boxes"][:valid].reshape(-1, 4),
                                              npz[f"{prefix}/scores"].reshape(-1)[:valid],
                                              npz[f"{prefix}/classes"].reshape(-1)[:valid])
-    image_input = _tap(npz, "input/image")
+    image_input = _tap(npz, "input/image", golden["input"]["shape"])
     return Reference(
         variant=golden["variant"], num_classes=int(golden["num_classes"]),
         image_hw=tuple(golden["image_hw"]),
