@@ -106,7 +106,8 @@ def _group_argbest(key: Tensor, valid: Tensor, groups: Tensor, num_groups: int,
     rows = torch.arange(n, device=key.device)
     chosen = is_best & (order == best_order[groups])
     pick = torch.full((num_groups,), n, dtype=torch.int64, device=key.device)
-    return pick.scatter_reduce(0, groups, torch.where(chosen, rows, torch.full_like(rows, n)), "amin")
+    chosen_rows = torch.where(chosen, rows, torch.full_like(rows, n))
+    return pick.scatter_reduce(0, groups, chosen_rows, "amin")
 
 
 # Port of TensorFlow NonMaxSuppressionV5 (CPU kernel) as called by automl
@@ -140,6 +141,7 @@ def batched_non_max_suppression_v5(
         ``pad_to_max_output_size`` padding). Scores are the decayed ones (non-increasing).
     """
     _check_inputs(boxes, scores, groups)
+    groups = groups.long()
     if max_output_size < 0:
         raise ValueError(f"max_output_size must be >= 0, got {max_output_size}")
     device, dtype = scores.device, scores.dtype
@@ -149,7 +151,9 @@ def batched_non_max_suppression_v5(
     iou_limit = torch.tensor(iou_threshold, dtype=dtype, device=device)
     soft = soft_nms_sigma > 0
     # TF: scale = -0.5 / soft_nms_sigma in the scores' dtype; weight = exp(scale * iou * iou).
-    scale = (torch.tensor(-0.5, dtype=dtype) / torch.tensor(soft_nms_sigma, dtype=dtype)).item() if soft else 0.0
+    scale = 0.0
+    if soft:
+        scale = (torch.tensor(-0.5, dtype=dtype) / torch.tensor(soft_nms_sigma, dtype=dtype)).item()
 
     picks = torch.zeros((num_groups, max_output_size), dtype=torch.int64, device=device)
     picked_scores = scores.new_zeros((num_groups, max_output_size))
@@ -188,7 +192,8 @@ def batched_non_max_suppression_v5(
     outside_best = _outside_best(initial, group, width, num_groups)
     step = 0
     while step < max_output_size:
-        pick = _group_argbest(current[:width], alive[:width], group[:width], num_groups, index[:width])
+        pick = _group_argbest(current[:width], alive[:width], group[:width], num_groups,
+                              index[:width])
         pick = torch.where(pick == width, num, pick)
         best = torch.where(pick < num, current[pick], torch.full_like(current[pick], -math.inf))
         if width < num and bool(((best <= outside_best) & (outside_best > -math.inf)).any()):
@@ -281,6 +286,7 @@ def batched_nms_np(
         in numpy's keep order; soft methods return the decayed scores. Unbounded (no per-group cap).
     """
     _check_inputs(boxes_xyxy, scores, groups)
+    groups = groups.long()
     method = _resolve_np_method(method)
     if method in ("hard", "diou"):
         return _np_hard(boxes_xyxy, scores, groups, num_groups, iou_thresh or 0.5, method == "diou")
@@ -301,7 +307,8 @@ def nms_np(
     return batched_nms_np(boxes_xyxy, scores, groups, 1, method, iou_thresh, sigma, score_thresh)
 
 
-def _collect(picks: list[Tensor], values: list[Tensor], n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+def _collect(picks: list[Tensor], values: list[Tensor], n: int,
+             like: Tensor) -> tuple[Tensor, Tensor]:
     """Stack per-step picks ``[G]`` and order the kept rows group-major, step-minor."""
     if not picks:
         return torch.zeros(0, dtype=torch.int64, device=like.device), like.new_zeros(0)
@@ -406,7 +413,8 @@ def _np_hard(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, iou
     picks: list[Tensor] = []
     values: list[Tensor] = []
     while bool(alive.any()):
-        pick = _group_argbest(-rank.to(torch.float64), alive, groups_pad, num_groups, rank).clamp(max=n)
+        pick = _group_argbest(-rank.to(torch.float64), alive, groups_pad, num_groups,
+                              rank).clamp(max=n)
         picks.append(pick)
         values.append(scores_pad[pick])
         alive[pick] = False

@@ -139,9 +139,11 @@ def _check_heads(cls_logits: Tensor, box_deltas: Tensor, anchors_yxyx: Tensor) -
         raise ValueError(f"cls_logits must be [N, A, num_classes], got {tuple(cls_logits.shape)}")
     batch, num_anchors, _ = cls_logits.shape
     if tuple(box_deltas.shape) != (batch, num_anchors, 4):
-        raise ValueError(f"box_deltas must be [{batch}, {num_anchors}, 4], got {tuple(box_deltas.shape)}")
+        raise ValueError(
+            f"box_deltas must be [{batch}, {num_anchors}, 4], got {tuple(box_deltas.shape)}")
     if tuple(anchors_yxyx.shape) != (num_anchors, 4):
-        raise ValueError(f"anchors_yxyx must be [{num_anchors}, 4], got {tuple(anchors_yxyx.shape)}")
+        raise ValueError(
+            f"anchors_yxyx must be [{num_anchors}, 4], got {tuple(anchors_yxyx.shape)}")
 
 
 def _scales_tensor(image_scales: Scales, batch: int, like: Tensor) -> Tensor:

@@ -52,7 +52,8 @@ def _to_chw_float32(image: ImageLike) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected an RGB CHW tensor [3, H, W], got shape {tuple(image.shape)}")
+            raise ValueError(
+                f"expected an RGB CHW tensor [3, H, W], got shape {tuple(image.shape)}")
         return image.to(torch.float32)
     raise TypeError(f"expected a numpy array or a torch tensor, got {type(image).__name__}")
 
@@ -82,7 +83,8 @@ def scale_factors(image_hw: tuple[int, int], target_hw: tuple[int, int]) -> tupl
     return scaled_h, scaled_w, float(scale)
 
 
-def _tf_half_pixel_taps(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _tf_half_pixel_taps(in_size: int, out_size: int,
+                        device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Lower/upper source indices and float32 lerp weights of TF's half-pixel bilinear resize."""
     scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
     src = (torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5
@@ -138,7 +140,9 @@ def resize_and_pad(
         network-input pixels back to original-image pixels.
     """
     x = _to_chw_float32(image)
-    x = (x - _channel_tensor(mean_rgb, x, "mean_rgb")) / _channel_tensor(stddev_rgb, x, "stddev_rgb")
+    mean = _channel_tensor(mean_rgb, x, "mean_rgb")
+    stddev = _channel_tensor(stddev_rgb, x, "stddev_rgb")
+    x = (x - mean) / stddev
     scaled_h, scaled_w, scale = scale_factors((x.shape[1], x.shape[2]), target_hw)
     resized = resize_bilinear_tf(x, (scaled_h, scaled_w))
     # pad_to_bounding_box(scaled, 0, 0, H_t, W_t); a scaled size never exceeds the target.

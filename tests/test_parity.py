@@ -123,9 +123,17 @@ def test_detection_matching_is_one_to_one():
     ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.]]), np.array([0.9, 0.5]),
                         np.array([1.0, 1.0]))
     same = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes)
-    assert same == DetectionResult("global", 2, 2, 2, 0.0, 0.0, True)
+    assert same == DetectionResult("global", 2, 2, 2, 0, 0.0, 0.0, True)
     # One produced row cannot serve two reference rows.
     one = match_detections("global", ref, ref.boxes_yxyx[:1], ref.scores[:1], ref.classes[:1])
     assert (one.matched, one.ok) == (1, False)
     wrong_class = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes + 1)
-    assert wrong_class.matched == 0
+    assert (wrong_class.matched, wrong_class.ok) == (0, False)
+    # The last row may differ when its score ties with another candidate's at the cut ...
+    swapped = match_detections("global", ref, np.array([[0, 0, 10, 10], [50, 50, 60, 60.]]),
+                               np.array([0.9, 0.5001]), np.array([1.0, 1.0]))
+    assert (swapped.matched, swapped.at_cut, swapped.ok) == (1, 1, True)
+    # ... but not when it is well above the cut.
+    higher = DetectionsRef(ref.boxes_yxyx, np.array([0.9, 0.5]), np.array([1.0, 2.0]))
+    missing = match_detections("global", higher, ref.boxes_yxyx, ref.scores, np.array([2.0, 2.0]))
+    assert (missing.matched, missing.ok) == (1, False)

@@ -57,6 +57,7 @@ class DetectionResult:
     expected: int
     produced: int
     matched: int
+    at_cut: int            # unmatched rows within SCORE_ATOL of the lowest kept score
     max_box_err: float
     max_score_err: float
     ok: bool
@@ -111,9 +112,15 @@ def compare_tap(ref: TapRef, actual_nhwc: np.ndarray, rtol: float = TAP_RTOL) ->
 def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: np.ndarray,
                      classes: np.ndarray) -> DetectionResult:
     """Greedy one-to-one matching on class, box (BOX_ATOL_PX + BOX_RTOL * extent) and score
-    (SCORE_ATOL)."""
+    (SCORE_ATOL).
+
+    A reference row left unmatched is tolerated only at the cut: when its score is within
+    SCORE_ATOL of the lowest kept score, a near-tie decides which of two candidates becomes the
+    last row (seen once, d7x per_class row 100: 0.9269 in TF vs 0.9272 here).
+    """
     free = np.ones(len(scores), dtype=bool)
-    matched, box_err, score_err = 0, 0.0, 0.0
+    matched, at_cut, box_err, score_err = 0, 0, 0.0, 0.0
+    cut = float(ref.scores.min()) if len(ref.scores) else 0.0
     for box, score, cls in zip(ref.boxes_yxyx, ref.scores, ref.classes):
         errors = np.abs(boxes - box).max(axis=1) if len(boxes) else np.zeros(0)
         tolerance = BOX_ATOL_PX + BOX_RTOL * max(box[2] - box[0], box[3] - box[1])
@@ -125,8 +132,11 @@ def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: n
             matched += 1
             box_err = max(box_err, float(errors[best]))
             score_err = max(score_err, float(abs(scores[best] - score)))
-    ok = matched == len(ref.scores) == len(scores)
-    return DetectionResult(path, len(ref.scores), len(scores), matched, box_err, score_err, ok)
+        elif score <= cut + SCORE_ATOL:
+            at_cut += 1
+    ok = matched + at_cut == len(ref.scores) == len(scores)
+    return DetectionResult(path, len(ref.scores), len(scores), matched, at_cut, box_err,
+                           score_err, ok)
 
 
 def network_input(model: EfficientDet, reference: Reference) -> tuple[torch.Tensor, float, TapResult | None]:
@@ -184,7 +194,8 @@ def format_table(report: ParityReport) -> list[str]:
         lines.append(f"{t.name:<26} {shape:<22} {t.max_abs:>9.2e} {t.rel_max:>9.2e} "
                      f"{'ok' if t.ok else 'FAIL':>6}")
     for d in report.detections:
-        lines.append(f"detections/{d.path:<15} matched {d.matched}/{d.expected} "
+        cut = f", {d.at_cut} near-tie at the cut" if d.at_cut else ""
+        lines.append(f"detections/{d.path:<15} matched {d.matched}/{d.expected}{cut} "
                      f"(produced {d.produced}), max box err {d.max_box_err:.3g} px, "
                      f"max score err {d.max_score_err:.2g}: {'ok' if d.ok else 'FAIL'}")
     first = report.first_divergence

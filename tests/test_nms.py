@@ -1,0 +1,260 @@
+"""NMS: TF NonMaxSuppressionV5 and automl's numpy soft-NMS, on hand-made boxes.
+
+Expected values are the TF 2.21 measurements in shared/reference/README.md (4-6 printed digits,
+hence ``atol=5e-5`` where they are quoted) or hand-computed. The TensorFlow cross-check (marked
+``needs_tf``) allows 8 ulp on soft-NMS scores: TF multiplies a candidate's decay weights lazily
+(newest first), this port eagerly, so products of several weights may differ in the last bits
+(measured <= 6 ulp); indices and hard-NMS scores must be identical.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.nms import (batched_nms_np, batched_non_max_suppression_v5, iou_tf, nms_np,
+                       non_max_suppression_v5)
+
+# automl's eval NMS: NonMaxSuppressionV5(iou_threshold=0.5, score_threshold=0.001, soft_nms_sigma=0.25).
+SOFT = dict(iou_threshold=0.5, score_threshold=0.001, soft_nms_sigma=0.25)
+# README: TF factors for IoU 0.2, 0.3, ..., 1.0 (= exp(-2 IoU^2)).
+MEASURED_FACTORS = [0.9231, 0.8353, 0.7261, 0.6065, 0.4868, 0.3753, 0.2780, 0.1979, 0.1353]
+
+
+def _boxes(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _scores(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("tenths, factor", list(zip(range(2, 11), MEASURED_FACTORS)))
+def test_soft_factor_at_every_iou(tenths, factor):
+    # A 10x10 box and one sharing a corner, width `tenths`: plain IoU = tenths / 10.
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, tenths])
+    indices, scores = non_max_suppression_v5(boxes, _scores(0.9, 0.8), 100, **SOFT)
+    assert indices.tolist() == [0, 1]                       # kept at any IoU, even a duplicate
+    assert scores[0] == np.float32(0.9)
+    torch.testing.assert_close(scores[1] / np.float32(0.8), torch.tensor(factor), rtol=0, atol=5e-5)
+
+
+def test_soft_ignores_iou_threshold():
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 3], [20, 20, 30, 30])
+    scores = _scores(0.9, 0.8, 0.7, 0.6)
+    reference = non_max_suppression_v5(boxes, scores, 100, **SOFT)
+    for iou_threshold in (0.1, 0.3, 1.0):
+        result = non_max_suppression_v5(boxes, scores, 100, iou_threshold, 0.001, 0.25)
+        for a, b in zip(result, reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_decay_compounds_over_selected_boxes():
+    # A1 and A2 touch (IoU 0); C overlaps each with IoU 1/3.
+    boxes = _boxes([0, 0, 10, 10], [0, 10, 10, 20], [0, 5, 10, 15])
+    indices, scores = non_max_suppression_v5(boxes, _scores(0.9, 0.85, 0.8), 100, **SOFT)
+    assert indices.tolist() == [0, 1, 2]
+    torch.testing.assert_close(scores[2], torch.tensor(0.512944), rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores[2], torch.tensor(0.8 * math.exp(-2 / 9) ** 2), rtol=0, atol=1e-6)
+
+
+def test_greedy_on_decayed_scores():
+    # README: A 0.9, D 0.8 (IoU 0.9 with A), E 0.6 (disjoint) -> A, E, D with 0.9, 0.6, 0.1583.
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60])
+    indices, scores = non_max_suppression_v5(boxes, _scores(0.9, 0.8, 0.6), 100, **SOFT)
+    assert indices.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, _scores(0.9, 0.6, 0.1583), rtol=0, atol=5e-5)
+    assert bool((scores[:-1] >= scores[1:]).all())
+
+
+def test_score_threshold_is_strict_for_candidates():
+    boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    indices, _ = non_max_suppression_v5(boxes, _scores(0.001, 0.0011), 100, **SOFT)
+    assert indices.tolist() == [1]
+
+
+@pytest.mark.parametrize("decayed, kept", [(0.000999, False), (0.00101, True)])
+def test_decayed_score_at_threshold_is_dropped(decayed, kept):
+    # An exact duplicate decays by exp(-2) = 0.135335.
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10])
+    initial = decayed / math.exp(-2)
+    indices, scores = non_max_suppression_v5(boxes, _scores(0.9, initial), 100, **SOFT)
+    assert indices.tolist() == ([0, 1] if kept else [0])
+    if kept:
+        torch.testing.assert_close(scores[1], torch.tensor(decayed), rtol=1e-5, atol=0)
+
+
+def test_iou_is_plain_and_corner_order_free():
+    a = _boxes([0, 0, 10, 10])
+    b = _boxes([0, 0, 10, 6])
+    assert iou_tf(a, b).item() == pytest.approx(0.6)
+    # Swapped corners and xyxy vs yxyx give the same IoU; degenerate boxes give 0.
+    assert iou_tf(_boxes([10, 10, 0, 0]), _boxes([10, 6, 0, 0])).item() == pytest.approx(0.6)
+    assert iou_tf(a, _boxes([5, 5, 5, 9])).item() == 0.0
+
+
+def test_max_output_size_caps_selection():
+    boxes = torch.tensor([[i * 20, 0, i * 20 + 10, 10] for i in range(10)], dtype=torch.float32)
+    scores = torch.linspace(0.9, 0.1, 10)
+    indices, _ = non_max_suppression_v5(boxes, scores, 4, **SOFT)
+    assert indices.tolist() == [0, 1, 2, 3]
+
+
+def test_ties_go_to_the_lower_index():
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [30, 30, 40, 40])
+    indices, _ = non_max_suppression_v5(boxes, _scores(0.5, 0.5, 0.5), 100, **SOFT)
+    assert indices.tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("iou_threshold, kept", [(0.5, [0, 1, 2]), (0.49, [0, 2])])
+def test_hard_nms_suppresses_above_threshold(iou_threshold, kept):
+    # IoU(0, 1) = 0.5 exactly: kept at threshold 0.5 (suppression needs IoU > threshold).
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 5], [40, 40, 50, 50])
+    scores = _scores(0.9, 0.8, 0.3)
+    indices, out_scores = non_max_suppression_v5(boxes, scores, 100, iou_threshold, -math.inf, 0.0)
+    assert indices.tolist() == kept
+    torch.testing.assert_close(out_scores, scores[kept], rtol=0, atol=0)   # hard: undecayed
+
+
+def test_batched_groups_are_independent_and_padded_like_tf():
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
+    scores = _scores(0.9, 0.8, 0.7)
+    groups = torch.tensor([0, 1, 1])
+    indices, out_scores, valid = batched_non_max_suppression_v5(boxes, scores, groups, 3, 3, **SOFT)
+    assert valid.tolist() == [1, 2, 0]
+    # Row 0: box 0 undisturbed by the identical box of group 1; padding is index 0, score 0.
+    assert indices.tolist() == [[0, 0, 0], [1, 2, 0], [0, 0, 0]]
+    torch.testing.assert_close(out_scores[0], _scores(0.9, 0, 0), rtol=0, atol=0)
+    torch.testing.assert_close(out_scores[1], _scores(0.8, 0.7 * math.exp(-2), 0), rtol=1e-6, atol=0)
+
+
+def test_large_input_window_growth_is_exact():
+    # The 2000 best boxes sit on one spot; once one is selected the others decay below boxes
+    # outside the initial search window (2048 rows), which must then join with every decay
+    # applied so far. The answer must equal a brute-force greedy over all boxes.
+    rng = np.random.default_rng(0)
+    n = 3000
+    centre = rng.uniform(0, 300, (n, 2))
+    centre[:2000] = 100.0
+    boxes = torch.from_numpy(np.concatenate([centre, centre + 40], 1).astype(np.float32))
+    scores = torch.from_numpy(np.sort(rng.uniform(0.05, 0.95, n))[::-1].astype(np.float32).copy())
+    indices, out_scores = non_max_suppression_v5(boxes, scores, 100, **SOFT)
+    assert indices.numel() == 100
+    # Brute force: eager greedy over everything.
+    current, alive, expected = scores.clone(), torch.ones(n, dtype=torch.bool), []
+    for _ in range(100):
+        best = int(torch.where(alive, current, torch.tensor(-1.0)).argmax())
+        expected.append(best)
+        alive[best] = False
+        weight = torch.exp((-2.0 * iou_tf(boxes, boxes[best]) ** 2).double()).float()
+        current = torch.where(alive, current * weight, current)
+        alive &= current > np.float32(0.001)
+    assert indices.tolist() == expected
+
+
+# ----------------------------------------------------------------------------------- nms_np
+
+
+def test_np_plus_one_convention_on_small_boxes():
+    # Plain IoU 0.6 -> +1 IoU 77/121 = 0.6364 -> factor exp(-0.6364^2 / 0.5) = 0.4449 (TF: 0.4868).
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6])                       # x1, y1, x2, y2
+    indices, scores = nms_np(boxes, _scores(0.9, 0.8), "gaussian")
+    assert indices.tolist() == [0, 1]
+    torch.testing.assert_close(scores[1] / np.float32(0.8), torch.tensor(0.4449), rtol=0, atol=5e-5)
+    _, tf_scores = non_max_suppression_v5(boxes, _scores(0.9, 0.8), 100, **SOFT)
+    torch.testing.assert_close(tf_scores[1] / np.float32(0.8), torch.tensor(0.4868), rtol=0, atol=5e-5)
+
+
+def test_np_keeps_scores_at_threshold():
+    boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
+    indices, _ = nms_np(boxes, _scores(0.5, 0.001, 0.0009), "gaussian")
+    assert indices.tolist() == [0, 1]                                   # >= 0.001 stays, below goes
+
+
+def test_np_first_box_is_kept_below_threshold():
+    indices, scores = nms_np(_boxes([0, 0, 10, 10]), _scores(0.0005), "gaussian")
+    assert indices.tolist() == [0] and scores.tolist() == [np.float32(0.0005)]
+
+
+def test_np_row_swapping_decides_ties():
+    # numpy swaps the max into row 0: [b0, b1, b2] -> [b2, b1, b0], so the 0.5 tie goes to b1.
+    boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
+    indices, _ = nms_np(boxes, _scores(0.5, 0.5, 0.9), "gaussian")
+    assert indices.tolist() == [2, 1, 0]
+    tf_indices, _ = non_max_suppression_v5(boxes, _scores(0.5, 0.5, 0.9), 100, **SOFT)
+    assert tf_indices.tolist() == [2, 0, 1]
+
+
+def test_np_linear_decays_only_above_iou_thresh():
+    # +1 IoUs with box 0: 77/121 = 0.636 (decayed by 1 - IoU) and 22/220 = 0.1 (< default 0.3).
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6], [0, 9, 10, 19])
+    indices, scores = nms_np(boxes, _scores(0.9, 0.8, 0.7), "linear")
+    assert indices.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, _scores(0.9, 0.7, 0.8 * (1 - 77 / 121)), rtol=1e-6, atol=0)
+
+
+def test_np_hard_and_diou():
+    # +1 IoU 70/130 = 0.538 > 0.5: hard removes box 1; diou subtracts 9/225 -> 0.498 and keeps it.
+    boxes = _boxes([0, 0, 9, 9], [3, 0, 12, 9])
+    scores = _scores(0.9, 0.8)
+    assert nms_np(boxes, scores, "hard")[0].tolist() == [0]
+    assert nms_np(boxes, scores, None)[0].tolist() == [0]               # '' / None mean hard
+    assert nms_np(boxes, scores, "diou")[0].tolist() == [0, 1]
+    assert nms_np(boxes, scores, "hard", iou_thresh=0.6)[0].tolist() == [0, 1]
+    # hard: no score threshold and undecayed scores.
+    kept, kept_scores = nms_np(_boxes([0, 0, 9, 9], [20, 20, 29, 29]), _scores(0.5, 1e-6), "hard")
+    assert kept.tolist() == [0, 1] and kept_scores.tolist() == _scores(0.5, 1e-6).tolist()
+
+
+def test_np_hard_order_is_numpys_argsort():
+    scores = np.array([0.3, 0.7, 0.3, 0.7, 0.5] * 6, dtype=np.float32)
+    boxes = torch.tensor([[i * 20, 0, i * 20 + 9, 9] for i in range(30)], dtype=torch.float32)
+    indices, _ = nms_np(boxes, torch.from_numpy(scores), "hard")
+    assert indices.tolist() == np.argsort(scores)[::-1].tolist()
+
+
+def test_np_batched_groups_in_group_order():
+    boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
+    groups = torch.tensor([2, 0, 2])
+    indices, scores = batched_nms_np(boxes, _scores(0.6, 0.5, 0.9), groups, 3, "gaussian")
+    assert indices.tolist() == [1, 2, 0]
+    assert scores[:2].tolist() == _scores(0.5, 0.9).tolist()
+
+
+def test_np_rejects_unknown_method():
+    with pytest.raises(ValueError):
+        nms_np(_boxes([0, 0, 1, 1]), _scores(0.5), "softer")
+
+
+# --------------------------------------------------------------------- against TensorFlow
+
+
+def _clustered(rng, n):
+    centres = rng.uniform(0, 500, (25, 2))
+    sizes = rng.uniform(10, 150, (25, 2))
+    k = rng.integers(0, 25, n)
+    ctr = centres[k] + rng.normal(0, 1, (n, 2)) * sizes[k] * 0.15
+    half = sizes[k] * np.exp(rng.normal(0, 0.2, (n, 2))) / 2
+    boxes = np.concatenate([ctr - half, ctr + half], 1).astype(np.float32)
+    scores = (1 / (1 + np.exp(-rng.normal(-3, 2, n)))).astype(np.float32)
+    return boxes, scores
+
+
+@pytest.mark.needs_tf
+@pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
+    (0.25, 0.5, 0.001), (0.05, 0.5, 0.001), (0.0, 0.5, -math.inf), (0.0, 0.3, 0.05)])
+def test_matches_tensorflow_non_max_suppression_v5(sigma, iou_threshold, score_threshold):
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(7)
+    for n in (40, 700, 3000):
+        boxes, scores = _clustered(rng, n)
+        expected_idx, expected_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=boxes, scores=scores, max_output_size=100, iou_threshold=iou_threshold,
+            score_threshold=score_threshold, soft_nms_sigma=sigma, pad_to_max_output_size=False)
+        indices, out_scores = non_max_suppression_v5(
+            torch.from_numpy(boxes), torch.from_numpy(scores), 100, iou_threshold, score_threshold, sigma)
+        assert indices.tolist() == expected_idx.numpy().tolist()
+        ulp = 0 if sigma == 0 else 8 * 2.0 ** -23
+        torch.testing.assert_close(out_scores, torch.from_numpy(expected_scores.numpy()), rtol=ulp, atol=0)
