@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from importlib import metadata
@@ -19,6 +20,7 @@ from .download import RELEASES, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError
 from .readers import read_checkpoint
 
+_BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
@@ -45,10 +47,20 @@ def check_output(out: Path, force: bool) -> None:
         raise OutputError(f"{out} exists; pass --force to overwrite")
 
 
+def _is_bundle_prefix(path: Path) -> bool:
+    """True for a TF checkpoint prefix (``model.ckpt-123``): not a file itself, but the stem of
+    ``model.ckpt-123.index`` / ``model.ckpt-123.data-00000-of-00001``."""
+    if not path.parent.is_dir():
+        return False
+    return any(_BUNDLE_SUFFIX.match(entry.name[len(path.name):])
+               for entry in path.parent.iterdir() if entry.name.startswith(path.name + "."))
+
+
 def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool) -> Path:
-    """A path as given, or a release name looked up in the cache / downloaded."""
+    """A path (file, folder or checkpoint prefix) as given, or a release name looked up in the
+    cache / downloaded."""
     path = Path(ckpt)
-    if path.exists():
+    if path.exists() or _is_bundle_prefix(path):
         return path
     if ckpt in RELEASES:
         return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url,

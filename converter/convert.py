@@ -91,7 +91,10 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
         if report.ema_source == "shadows":
             source = tf_name + EMA_SUFFIX
             if source not in contents.names:
-                report.ema_missing.append(tf_name)
+                if tf_name in contents.names:
+                    report.ema_missing.append(tf_name)      # raw value there, shadow not
+                else:
+                    report.missing_pt.append(entry.pt_name)  # the variable is absent
                 continue
         if source not in contents.names:
             report.missing_pt.append(entry.pt_name)
@@ -108,7 +111,7 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
         report.converted += 1
     if not report.ok:
         error = MappingError(f"checkpoint does not cover {config.name}: " +
-                             ", ".join(line for line in report.problems() if line[0] != " "))
+                             ", ".join(line.rstrip(":") for line in report.problems() if line[0] != " "))
         error.report = report
         raise error
     for key in bn_counters(state_dict):

@@ -7,6 +7,7 @@ Tests never write there; checkpoints are synthesised into the test's folder.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["REFERENCE_DIR", "load_manifest", "synth_checkpoint"]
+__all__ = ["REFERENCE_DIR", "load_manifest", "synth_checkpoint", "synth_module", "synth_tensors",
+           "write_checkpoint"]
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(
@@ -32,6 +34,35 @@ def load_manifest(manifest_dir_name: str) -> dict:
     """``REFERENCE_DIR/<manifest_dir_name>/manifest.json`` as a dict."""
     with (REFERENCE_DIR / manifest_dir_name / "manifest.json").open(encoding="utf-8") as f:
         return json.load(f)
+
+
+_SYNTH_MODULE = None
+
+
+def synth_module():
+    """``REFERENCE_DIR/synth_ckpt.py`` imported by path (numpy only until it writes)."""
+    global _SYNTH_MODULE
+    if _SYNTH_MODULE is None:
+        spec = importlib.util.spec_from_file_location("synth_ckpt", SYNTH_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SYNTH_MODULE = module
+    return _SYNTH_MODULE
+
+
+def synth_tensors(manifest_dir_name: str, seed: int = 0, ema: bool = True,
+                  optimizer: bool = True) -> dict:
+    """``{checkpoint key: numpy array}`` exactly as ``synth_ckpt.py`` would write them."""
+    return synth_module().build_tensors(load_manifest(manifest_dir_name), seed, ema=ema,
+                                        optimizer=optimizer)
+
+
+def write_checkpoint(tensors: dict, prefix: Path) -> Path:
+    """Writes ``tensors`` as a TF1 name-based checkpoint at ``prefix`` (``tf.raw_ops.SaveV2``,
+    in this process) plus a ``checkpoint`` state file; returns ``prefix``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    synth_module().write_checkpoint(tensors, str(prefix))
+    return Path(prefix)
 
 
 def _bundle_files(prefix: Path) -> list[Path]:
@@ -69,6 +100,7 @@ def synth_checkpoint(
     ema: bool = True,
     optimizer: bool = True,
     prefix_name: str = "model.ckpt",
+    in_process: bool = False,
 ) -> Path:
     """Write a TF1 name-based checkpoint made by ``synth_ckpt.py``; return its prefix.
 
@@ -76,24 +108,29 @@ def synth_checkpoint(
     ``checkpoint`` state file are written. The generator (a TF subprocess,
     ~2-4 s) runs once per (manifest, seed, ema, optimizer) and session into a
     private temporary folder; every call copies from there, so tests may damage
-    their copy freely.
+    their copy freely. ``in_process=True`` writes the same files from this process
+    (``synth_tensors`` + ``write_checkpoint``), saving the subprocess' TensorFlow start-up
+    (~3 s) when the caller has imported TensorFlow anyway.
     """
     key = (manifest_dir_name, seed, ema, optimizer)
     source = _SESSION_CACHE.get(key)
     if source is None or not (source.parent / (source.name + ".index")).is_file():
         source = _session_dir() / "-".join(str(k) for k in key) / "model.ckpt"
-        command = [
-            sys.executable, str(SYNTH_SCRIPT),
-            "--manifest", str(REFERENCE_DIR / manifest_dir_name / "manifest.json"),
-            "--seed", str(seed),
-            "--out", str(source),
-        ]
-        if not ema:
-            command.append("--no-ema")
-        if not optimizer:
-            command.append("--no-optimizer")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        subprocess.run(command, check=True, env=env, capture_output=True)
+        if in_process:
+            write_checkpoint(synth_tensors(manifest_dir_name, seed, ema, optimizer), source)
+        else:
+            command = [
+                sys.executable, str(SYNTH_SCRIPT),
+                "--manifest", str(REFERENCE_DIR / manifest_dir_name / "manifest.json"),
+                "--seed", str(seed),
+                "--out", str(source),
+            ]
+            if not ema:
+                command.append("--no-ema")
+            if not optimizer:
+                command.append("--no-optimizer")
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            subprocess.run(command, check=True, env=env, capture_output=True)
         _SESSION_CACHE[key] = source
     prefix = Path(out_dir) / prefix_name
     _copy_bundle(source, prefix)
