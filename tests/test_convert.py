@@ -23,7 +23,7 @@ from helpers import REFERENCE_DIR, load_manifest, synth_checkpoint, synth_tensor
 from mappings import mapping_table, tf_to_pt
 from model.efficientdet import EfficientDet
 
-pytestmark = pytest.mark.needs_tf
+pytestmark = [pytest.mark.needs_tf, pytest.mark.usefixtures("single_thread")]
 
 EMA = "/ExponentialMovingAverage"
 D0 = "efficientdet-d0"
@@ -53,15 +53,6 @@ def reference():
     if not (REFERENCE_DIR / "synth_ckpt.py").is_file():
         pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Strict loading builds (randomly initialised) models: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def invoke(*args: str):

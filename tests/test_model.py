@@ -28,18 +28,12 @@ from model.fpn_config import FpnNode, feat_sizes
 from model.head import class_prior_bias
 from model.weights_io import load_weights, save_weights
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MANIFEST_DIRS = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/manifest.json"))
 GOLDEN_DIRS = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/golden.json"))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (50x slower on a
-    busy 2-core machine), so run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

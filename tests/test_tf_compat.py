@@ -15,6 +15,8 @@ from model.tf_compat import (BN_EPS, BN_MOMENTUM, FUSE_EPS, Conv2dSame, MaxPool2
                              SeparableConv2d, batch_norm, create_act, create_conv2d, drop_connect,
                              pad_same, same_padding)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # (size, kernel, stride) -> (before, after), worked out by hand from TF's rule
 # out = ceil(size / stride), total = max((out - 1) * stride + kernel - size, 0), odd pixel after.
 SAME_PADDING = {
@@ -40,14 +42,6 @@ KERNELS = (1, 3, 5)
 STRIDES = (1, 2)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (50x slower on a
-    busy 2-core machine), so run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("size,kernel,stride", sorted(SAME_PADDING))
