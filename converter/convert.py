@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from mappings import IGNORED_TF, mapping_table
+from mappings import IGNORED_TF, table_for
 from mappings.layouts import pt_shape, to_torch
 from mappings.rules import EMA_SUFFIX
 from model.config import DetConfig
@@ -67,7 +67,7 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
     on any gap, and NonFiniteError on NaN/Inf in a used tensor.
     """
     report = MappingReport()
-    table = {entry.tf_name: entry for entry in mapping_table(config)}
+    table = {entry.tf_name: entry for entry in table_for(config)}
     has_shadows = any(name.endswith(EMA_SUFFIX) for name in contents.names)
     if contents.ema_in_model_entries:
         report.ema_source = "model entries"

@@ -5,16 +5,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from model.config import VARIANTS, get_config
 
-from .table import mapping_table
+from .table import mapping_table, table_path
 
 HEADER = "# tf_name\tpt_name\tlayout\ttf_shape\tpt_shape\n"
-FOLDER = Path(__file__).parent
 
 
 def render(variant: str) -> str:
@@ -27,7 +25,7 @@ def main(check: bool) -> None:
     """Write one table per released variant (90 classes) into mappings/."""
     stale = []
     for variant in VARIANTS:
-        path = FOLDER / f"{variant}.tsv"
+        path = table_path(variant)
         text = render(variant)
         if path.is_file() and path.read_text() == text:
             continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,8 +24,20 @@ class MappingEntry:
                           _shape_str(self.tf_shape), _shape_str(self.pt_shape)])
 
 
+    @classmethod
+    def from_tsv(cls, line: str) -> "MappingEntry":
+        tf_name, pt_name, layout, tf_shape_, pt_shape_ = line.rstrip("\n").split("\t")
+        return cls(tf_name, pt_name, Layout(layout), _parse_shape(tf_shape_),
+                   _parse_shape(pt_shape_))
+
+
 def _shape_str(shape: tuple[int, ...]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    inner = text.strip()[1:-1]
+    return tuple(int(d) for d in inner.split(",")) if inner else ()
 
 
 def _apply(substitutions: tuple[tuple[str, str], ...], text: str, **fields: str) -> str:
@@ -71,6 +84,30 @@ def _module_kind(module: torch.nn.Module) -> str:
 
 def is_pt_only(pt_name: str) -> bool:
     return any(re.search(pattern, pt_name) for pattern in PT_ONLY)
+
+
+TABLE_DIR = Path(__file__).parent
+
+
+def table_path(variant: str) -> Path:
+    return TABLE_DIR / f"{variant}.tsv"
+
+
+def read_table(path: Path) -> list[MappingEntry]:
+    """A committed table (``mappings/<variant>.tsv``)."""
+    with open(path) as f:
+        return [MappingEntry.from_tsv(line) for line in f if line.strip() and line[0] != "#"]
+
+
+def table_for(config) -> list[MappingEntry]:
+    """The table of ``config``: the committed one when the config is a released variant (the
+    input size does not change any variable), else generated from the rules."""
+    from model.config import VARIANTS, get_config
+    path = table_path(config.name)
+    if config.name in VARIANTS and path.is_file() and \
+            config == get_config(config.name, image_size=config.image_size):
+        return read_table(path)
+    return mapping_table(config)
 
 
 def mapping_table(config) -> list[MappingEntry]:

@@ -298,3 +298,13 @@ def test_committed_table_names_equal_manifest(dir_name):
                 if v["role"] == "model"}
     assert {r[0] for r in rows} == set(expected)
     assert all(r[3] == "[" + ",".join(map(str, expected[r[0]])) + "]" for r in rows)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_classes": 20}, {"image_size": "600x420"}])
+def test_table_for_equals_the_rules(overrides):
+    """The converter reads committed tables for released variants (any input size) and
+    generates the rest; both must be what the rules give."""
+    from mappings import table_for
+    for variant in ("efficientdet-d0", "efficientdet-lite3"):
+        config = get_config(variant, **overrides)
+        assert table_for(config) == mapping_table(config)
