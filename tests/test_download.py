@@ -171,3 +171,20 @@ def test_download_that_is_not_an_archive(tmp_path):
     message = str(excinfo.value)
     assert "unusable" in message and f"coco2/{D0}.tar.gz" in message
     assert not (tmp_path / "cache" / "releases" / D0 / f"{D0}.tar.gz").exists()
+
+
+@pytest.mark.needs_tf
+def test_convert_cli_downloads_a_release_by_name(tmp_path, release_root):
+    from click.testing import CliRunner
+
+    from converter.cli import main
+    from model import EfficientDet
+
+    out = tmp_path / "d0.pth"
+    with serve(release_root) as base_url:
+        result = CliRunner().invoke(main, ["--ckpt", D0, "--out", str(out), "--quiet",
+                                           "--base-url", base_url,
+                                           "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    model = EfficientDet.from_pretrained(out)
+    assert model.config.name == D0 and model.metadata["source"]["ema"] == "shadows"
