@@ -65,13 +65,16 @@ class EfficientDet(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], map_location: str = "cpu",
                         **overrides: Any) -> "EfficientDet":
-        """Loads a ``.pth`` / ``.safetensors`` file written by ``convert`` (strictly)."""
+        """Loads a ``.pth`` / ``.safetensors`` file written by ``convert`` (strictly).
+
+        ``overrides`` change config fields that carry no weights, e.g. ``image_size`` (the
+        strict load rejects any that would).
+        """
         from .weights_io import load_weights
         state_dict, metadata = load_weights(path, map_location)
         if "config" not in metadata:
             raise ValueError(f"{path}: weights carry no config metadata")
         config = DetConfig.from_dict(metadata["config"])
-        # Only input-side settings may change without touching the weights.
         model = cls(config.replace(**overrides) if overrides else config)
         model.load_state_dict(state_dict, strict=True)
         model.metadata = metadata
@@ -139,9 +142,9 @@ class EfficientDet(nn.Module):
         """
         from .postprocess import Detections, NmsConfig, postprocess as run_postprocess
         from .preprocess import load_image, preprocess_batch
-        if isinstance(images, (str, Path, np.ndarray, torch.Tensor)) and not \
-                (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
-            images = [images]
+        if isinstance(images, (str, Path)) or \
+                (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
+            images = [images]   # one image; a 4-D array or a sequence is a batch
         images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
         nms = NmsConfig(**{**self.config.nms_configs, **nms_overrides})
         device = self.anchors.boxes_yxyx.device
