@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from model.config import VARIANTS
+from model.config import VARIANTS, parse_image_size
 from model.weights_io import WEIGHT_SUFFIXES, save_weights
 
 from .archive import sha256_file
@@ -36,6 +36,18 @@ def _identity(source: Path) -> str:
     index = Path(str(source) + ".index")
     target = index if index.is_file() else source
     return sha256_file(target) if target.is_file() else ""
+
+
+def parse_size(text: str) -> int | str:
+    """automl's image_size forms: '512' -> 512, '640x384' -> '640x384' (W x H)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            parse_image_size(text)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--image-size") from None
+        return text
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -100,6 +112,10 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Output weights; .pth (state_dict + metadata) or .safetensors.")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None,
               help="Variant to build; by default detected from the checkpoint's names and shapes.")
+@click.option("--image-size", default=None, metavar="SIZE",
+              help="Network input size the checkpoint was trained for, as automl writes it: "
+                   "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
+                   "record it; it is stored in the output's config.")
 @click.option("--no-ema", is_flag=True,
               help="Take the raw variables instead of their ExponentialMovingAverage shadows.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
@@ -112,7 +128,8 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.version_option(tool_version(), "--version", prog_name="convert")
-def main(ckpt: str, out: Path, variant: str | None, no_ema: bool, force: bool,
+def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
+         force: bool,
          cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
@@ -135,7 +152,8 @@ def main(ckpt: str, out: Path, variant: str | None, no_ema: bool, force: bool,
         check_output(out, force)
         path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
         contents = read_checkpoint(path, cache_dir=cache_dir)
-        config = detect_config(contents.names, variant, source=path)
+        overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
+        config = detect_config(contents.names, variant, source=path, **overrides)
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):

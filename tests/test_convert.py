@@ -225,6 +225,16 @@ def test_force_overwrites(tmp_path, d0_prefix):
     assert _tree(tmp_path) == ["d0.pth"] and EfficientDet.from_pretrained(out).config.name == D0
 
 
+
+@pytest.mark.parametrize("size,image_hw", [("600x420", (420, 600)), ("768", (768, 768))])
+def test_image_size_is_recorded(tmp_path, d0_prefix, size, image_hw):
+    """A checkpoint does not know its input size; --image-size stores it in the config."""
+    out = tmp_path / "d0.pth"
+    result = invoke("--ckpt", d0_prefix, "--out", out, "-q", "--image-size", size)
+    assert result.exit_code == 0, result.stderr
+    assert EfficientDet.from_pretrained(out).config.image_size == image_hw
+
+
 # --------------------------------------------------------------------------- failures
 
 def _assert_fails(result, code: int, *fragments: str, out_dir=None, expected_tree=()) -> str:
@@ -379,6 +389,11 @@ def test_output_folder_missing(d0_prefix, tmp_path):
     result = invoke("--ckpt", d0_prefix, "--out", tmp_path / "no" / "such" / "x.pth", "-q")
     _assert_fails(result, 6, "does not exist")
     assert not (tmp_path / "no").exists()
+
+
+def test_bad_image_size_is_usage_error(d0_prefix, out_dir):
+    result = invoke("--ckpt", d0_prefix, "--out", out_dir / "x.pth", "--image-size", "wide")
+    _assert_fails(result, 2, "--image-size", out_dir=out_dir)
 
 
 def test_output_suffix_must_be_weights(d0_prefix, out_dir):

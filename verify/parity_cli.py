@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from converter.cli import parse_size
 from verify.cli_utils import CONTEXT_SETTINGS, EXIT_FAILURE, fail, library_errors
 from verify.io_utils import atomic_write_text
 
@@ -27,6 +28,9 @@ from verify.io_utils import atomic_write_text
 @click.option("--automl-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="EFFDET_AUTOML_DIR", show_envvar=True,
               help="Live TF mode: a google/automl checkout (its efficientdet/ is imported).")
+@click.option("--image-size", default=None, metavar="SIZE",
+              help="Live TF mode: network input size (512 or WxH) if not the one stored in the "
+                   "weights; golden mode always uses the golden's.")
 @click.option("--image", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, help="Input image for live TF mode, or to rebuild a golden's input "
                                  "when the golden stores only samples of it [default: the "
@@ -39,7 +43,8 @@ from verify.io_utils import atomic_write_text
               help="Torch device for the PyTorch model.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path | None,
-           automl_dir: Path | None, image: Path | None, report_path: Path | None,
+           automl_dir: Path | None, image_size: str | None, image: Path | None,
+           report_path: Path | None,
            plot_path: Path | None, device: str, quiet: bool) -> None:
     """Compare converted weights with TF at every tap and on the final detections.
 
@@ -61,8 +66,9 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     for path in (report_path, plot_path):
         if path is not None and not path.parent.is_dir():
             fail(f"{path}: folder {path.parent} does not exist")
+    overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
     with library_errors(FileNotFoundError, ValueError, RuntimeError, OSError, KeyError):
-        model = EfficientDet.from_pretrained(weights)
+        model = EfficientDet.from_pretrained(weights, **overrides)
     if golden is not None:
         with library_errors(ReferenceError):
             reference = load_golden(golden, golden_name)
