@@ -123,7 +123,7 @@ def test_detection_matching_is_one_to_one():
     ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.]]), np.array([0.9, 0.5]),
                         np.array([1.0, 1.0]))
     same = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes)
-    assert same == DetectionResult("global", 2, 2, 2, 0, 0.0, 0.0, True)
+    assert same == DetectionResult("global", 2, 2, 2, 0, 0, 0.0, 0.0, True)
     # One produced row cannot serve two reference rows.
     one = match_detections("global", ref, ref.boxes_yxyx[:1], ref.scores[:1], ref.classes[:1])
     assert (one.matched, one.ok) == (1, False)
@@ -133,6 +133,16 @@ def test_detection_matching_is_one_to_one():
     swapped = match_detections("global", ref, np.array([[0, 0, 10, 10], [50, 50, 60, 60.]]),
                                np.array([0.9, 0.5001]), np.array([1.0, 1.0]))
     assert (swapped.matched, swapped.at_cut, swapped.ok) == (1, 1, True)
+    # Two boxes of one class with near-equal scores: the greedy order may flip, so each comes
+    # out with the other's score -- the same set of scores per class is accepted ...
+    pair = DetectionsRef(np.array([[0, 0, 10, 10], [20, 20, 30, 30.]]), np.array([0.46, 0.45]),
+                         np.array([3.0, 3.0]))
+    flipped = match_detections("pyfunc", pair, pair.boxes_yxyx, pair.scores[::-1].copy(),
+                               pair.classes)
+    assert (flipped.matched, flipped.swapped, flipped.ok) == (0, 2, True)
+    # ... other scores are not.
+    off = match_detections("pyfunc", pair, pair.boxes_yxyx, np.array([0.40, 0.45]), pair.classes)
+    assert (off.matched, off.swapped, off.ok) == (1, 0, False)
     # ... but not when it is well above the cut.
     higher = DetectionsRef(ref.boxes_yxyx, np.array([0.9, 0.5]), np.array([1.0, 2.0]))
     missing = match_detections("global", higher, ref.boxes_yxyx, ref.scores, np.array([2.0, 2.0]))
