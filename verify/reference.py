@@ -67,13 +67,14 @@ def _tap(npz, name: str, shape: list[int] | None = None) -> TapRef | None:
 
 
 def find_image(golden: dict, folder: Path, search: list[Path]) -> Path | None:
-    """The golden's test image: its recorded file name looked up next to the golden, its
-    parents, and ``search`` folders (e.g. the shared reference folder)."""
-    name = Path(golden.get("image", {}).get("file", "img1.jpg")).name
-    for candidate in [folder, folder.parent, folder.parent.parent, *search]:
-        if (Path(candidate) / name).is_file():
-            return Path(candidate) / name
-    return None
+    """The golden's test image: its recorded repo-relative path (``shared/reference/img1.jpg``)
+    resolved against the golden folder's ancestors, or its file name next to the golden, in
+    an ancestor or in a ``search`` folder."""
+    recorded = Path(golden.get("image", {}).get("file", "img1.jpg"))
+    places = [folder, *folder.resolve().parents]
+    candidates = [*(p / recorded for p in places), *(p / recorded.name for p in places),
+                  *(Path(s) / recorded.name for s in search)]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_golden(folder: str | Path, stem: str = "golden", search: list[Path] = ()) -> Reference:
