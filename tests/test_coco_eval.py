@@ -1,4 +1,4 @@
-"""COCO mAP evaluation (verify/coco.py, `verify coco`) on a tiny hand-made COCO dataset.
+"""COCO mAP evaluation (verify/coco/, `verify coco`) on a tiny hand-made COCO dataset.
 
 No model is needed: a fake predictor reads the image id that each generated PNG carries in its
 first pixel and returns planned detections in the ``model.postprocess.Detections`` layout.
@@ -21,6 +21,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from verify import coco as coco_lib
+from verify.coco import report as coco_report
 from verify.cli import main
 
 pytestmark = pytest.mark.needs_coco
@@ -486,7 +487,7 @@ def test_cli_full_run_with_a_fake_model(dataset, fake_model):
 
 def test_cli_json_output_and_tolerance_verdicts(dataset, fake_model, monkeypatch):
     # pretend the 4-image file is val2017 so that the run is compared with the published AP
-    monkeypatch.setattr(coco_lib, "VAL2017_NUM_IMAGES", 4)
+    monkeypatch.setattr(coco_report, "VAL2017_NUM_IMAGES", 4)
     fake_model[0]["predictor"] = FakePredictor(plan_detections({1: 1 / 6, 3: 1 / 24}))  # AP 80
     args = ["coco", "--weights", str(_weights(dataset.root)), "--images", str(dataset.images),
             "--annotations", str(dataset.annotations), "--results", str(dataset.root / "r.json"),

@@ -88,6 +88,7 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
     with library_errors(coco_lib.CocoEvalError, code=EXIT_INPUT), \
             library_errors(coco_lib.PredictionError, code=EXIT_FAILURE):
         ground_truth = coco_lib.load_annotations(annotations)
+        # looked up on the package at call time, so that tests can monkeypatch it
         model = coco_lib.load_model(weights, postprocess=postprocess, device=device)
         logger.info("hashing %s", weights)
         weights_sha256 = file_sha256(weights)
