@@ -146,7 +146,7 @@ class EfficientDet(nn.Module):
                 (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
             images = [images]   # one image; a 4-D array or a sequence is a batch
         images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
-        nms = NmsConfig(**{**self.config.nms_configs, **nms_overrides})
+        nms = NmsConfig.from_dict({**self.config.nms_configs, **nms_overrides})
         device = self.anchors.boxes_yxyx.device
         results = []
         for start in range(0, len(images), batch_size):
