@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
@@ -522,3 +523,27 @@ def test_cli_interrupt_keeps_work_and_the_same_command_resumes(dataset, fake_mod
     assert result.exit_code == 0, result.output
     assert resumed.calls == [[139, 285]]
     assert json.loads(results.read_text()) and not coco_lib.partial_path_for(results).exists()
+
+
+def test_cli_full_run_with_the_real_model(dataset):
+    """No fake: a randomly initialised lite0 saved as `convert` saves it, run through
+    EfficientDet.predict (automl preprocessing + per_class post-processing) and pycocotools."""
+    from model import EfficientDet
+    from model.weights_io import save_weights
+
+    torch.manual_seed(0)
+    model = EfficientDet.from_config("efficientdet-lite0").eval()
+    weights = save_weights(dataset.root / "lite0.pth", model.state_dict(),
+                           {"config": model.config.to_dict()})
+    results = dataset.root / "res.json"
+    result = CliRunner().invoke(main, [
+        "coco", "--weights", str(weights), "--images", str(dataset.images),
+        "--annotations", str(dataset.annotations), "--results", str(results),
+        "--batch-size", "2", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(results.read_text())
+    assert {r["image_id"] for r in rows} == set(GROUND_TRUTH)   # every image, even the empty one
+    assert len(rows) == 100 * len(GROUND_TRUTH)                  # random heads: 100 per image
+    assert all(1 <= r["category_id"] <= 90 and 0.001 < r["score"] <= 1 for r in rows)
+    ap_row = next(line for line in result.stdout.splitlines() if line.startswith("AP "))
+    assert 0.0 <= float(ap_row.split()[1]) < 5.0                 # random weights find nothing
