@@ -147,3 +147,23 @@ def test_detection_matching_is_one_to_one():
     higher = DetectionsRef(ref.boxes_yxyx, np.array([0.9, 0.5]), np.array([1.0, 2.0]))
     missing = match_detections("global", higher, ref.boxes_yxyx, ref.scores, np.array([2.0, 2.0]))
     assert (missing.matched, missing.ok) == (1, False)
+
+
+def test_detection_matching_is_maximal_not_greedy():
+    # ref 0 fits both produced rows, ref 1 only the first: a greedy pass gives ref 0 the
+    # first row and strands ref 1.
+    ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.1]]), np.array([0.5, 0.5]),
+                        np.array([1.0, 1.0]))
+    ours = np.array([[0, 0, 10, 10.05], [0, 0, 10, 9.95]])
+    result = match_detections("global", ref, ours, np.array([0.5, 0.5]), np.array([1.0, 1.0]))
+    assert (result.matched, result.ok) == (2, True)
+
+
+def test_clipped_boxes_are_judged_on_the_image_scale():
+    # A box clipped to the border hides its decoded size; its error follows that size.
+    ref = DetectionsRef(np.array([[0, 0, 0, 55.76], [5, 5, 20, 20]]), np.array([0.97, 0.5]),
+                        np.array([23.0, 23.0]))
+    ours = np.array([[0, 0, 0, 56.04], [5, 5, 20, 20]])
+    args = ("global", ref, ours, np.array([0.97, 0.5]), np.array([23.0, 23.0]))
+    assert not match_detections(*args).ok
+    assert match_detections(*args, image_extent=1024.0).ok
