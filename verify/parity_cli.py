@@ -55,7 +55,8 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     Prints one row per tap in graph order (max abs error, error relative to the tap's
     scale, status), the matching of each post-processing path's detections, and the first
     diverging tap, which names the layer that is wrong. Tolerances are listed in
-    verify/parity.py: taps within 5e-3 of their scale, boxes within 0.05 px + 2e-3 of max(box extent, image side), scores 2e-3.
+    verify/parity.py: taps within 5e-3 of their scale, boxes within 0.05 px + 2e-3 of
+    max(box extent, image side), scores within 2e-3.
     """
     from model import EfficientDet
     from verify.parity import format_table, plot_errors, run_parity
