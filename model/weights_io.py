@@ -57,11 +57,19 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
         raise FileNotFoundError(f"{path}: no such weights file")
     if suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-            metadata = json.loads((f.metadata() or {}).get(_SAFETENSORS_KEY, "{}"))
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                metadata = json.loads((f.metadata() or {}).get(_SAFETENSORS_KEY, "{}"))
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # safetensors' own error types, JSON errors
+            raise ValueError(f"{path}: not a readable weights file "
+                             f"({type(error).__name__}: {error})") from None
         return state_dict, metadata
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise ValueError(f"{path}: not a readable weights file "
+                         f"({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(f"{path}: not a weights file written by this toolkit")
     return payload["state_dict"], payload.get("metadata", {})

@@ -542,3 +542,11 @@ def test_weights_wrong_suffix_raises(tmp_path):
     with pytest.raises(ValueError, match="unsupported weights extension"):
         EfficientDet.from_pretrained(tmp_path / "w.ckpt")
 
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_damaged_weights_file_is_a_value_error(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    path.write_bytes(b"not weights at all")
+    with pytest.raises(ValueError, match="not a readable weights file"):
+        load_weights(path)

@@ -109,6 +109,16 @@ def test_cli_writes_report_and_plot_and_fails_on_a_broken_model(d0_contents, tmp
     assert "first diverging tap: fpn/cell_1/p3" in result.output
 
 
+def test_cli_refuses_weights_of_another_variant(tmp_path):
+    model = EfficientDet.from_config("efficientdet-lite0")
+    weights = save_weights(tmp_path / "lite0.pth", model.state_dict(),
+                           {"config": model.config.to_dict()})
+    result = CliRunner().invoke(verify_main, ["parity", "--weights", str(weights),
+                                              "--golden", str(D0)])
+    assert result.exit_code == 1
+    assert "reference is efficientdet-d0, weights are efficientdet-lite0" in result.output
+
+
 def test_cli_missing_golden_is_a_one_line_error(tmp_path, d0_contents):
     model = build(d0_contents)
     weights = save_weights(tmp_path / "w.pth", model.state_dict(),

@@ -87,6 +87,8 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
         source = f"live TF: {tf_ckpt}"
     if tuple(reference.image_hw) != tuple(model.config.image_size):
         model = EfficientDet.from_pretrained(weights, image_size=tuple(reference.image_hw))
+    if reference.variant != model.config.name:
+        fail(f"reference is {reference.variant}, weights are {model.config.name}", EXIT_FAILURE)
     if reference.num_classes != model.config.num_classes:
         fail(f"reference has {reference.num_classes} classes, weights "
              f"{model.config.num_classes}", EXIT_FAILURE)
