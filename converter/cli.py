@@ -106,12 +106,13 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.option("--ckpt", required=True, metavar="PATH|NAME",
               help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
-                   f".tar.gz/.tgz, or a release name ({', '.join(RELEASES)}) taken from the "
-                   "cache or downloaded.")
+                   ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
+                   "lite4) taken from the cache or downloaded.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors.")
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None,
-              help="Variant to build; by default detected from the checkpoint's names and shapes.")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4); by default "
+                   "detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
