@@ -14,14 +14,9 @@ from torch import nn
 from .config import DetConfig
 from .fpn_config import FpnNode, bifpn_nodes
 from .tf_compat import (FUSE_EPS, UPSAMPLE_MODE, SeparableConv2d, batch_norm, create_act,
-                        create_conv2d, pad_same)
+                        create_conv2d, max_pool_same)
 
 Taps = Optional[dict[str, torch.Tensor]]
-
-
-def max_pool_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """TF MaxPooling2D(padding='SAME'): padded cells are -inf, so they never win."""
-    return F.max_pool2d(pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
 
 
 # Port of automl efficientdet/tf2/efficientdet_keras.py::ResampleFeatureMap @ 6a54c87

@@ -110,20 +110,10 @@ class SeparableConv2d(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class MaxPool2dSame(nn.Module):
-    """Keras MaxPooling2D(padding='SAME'): padded cells never win (padding is -inf)."""
-
-    def __init__(self, kernel_size: tuple[int, int], stride: tuple[int, int]):
-        super().__init__()
-        self.kernel_size = tuple(kernel_size)
-        self.stride = tuple(stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_same(x, self.kernel_size, self.stride, value=float("-inf"))
-        return F.max_pool2d(x, self.kernel_size, self.stride)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+def max_pool_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]
+                  ) -> torch.Tensor:
+    """Keras MaxPooling2D(padding='SAME'): padded cells are -inf, so they never win."""
+    return F.max_pool2d(pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
 
 
 def drop_connect(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:

@@ -3,6 +3,7 @@ separable convs, drop-connect. Expected values are hand-computed; TF itself is t
 opinion where it is installed."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.tf_compat import (BN_EPS, BN_MOMENTUM, FUSE_EPS, Conv2dSame, MaxPool2dSame,
+from model.tf_compat import (BN_EPS, BN_MOMENTUM, FUSE_EPS, Conv2dSame, max_pool_same,
                              SeparableConv2d, batch_norm, create_act, create_conv2d, drop_connect,
                              pad_same, same_padding)
 
@@ -115,7 +116,7 @@ def test_max_pool_same_pads_with_minus_infinity():
     """All-negative input: the border outputs are maxima over real cells only; zero padding
     would give 0 there."""
     x = -(torch.arange(25.0).reshape(1, 1, 5, 5) + 1.0)         # -1 .. -25, max at top-left
-    pool = MaxPool2dSame((3, 3), (2, 2))
+    pool = functools.partial(max_pool_same, kernel=(3, 3), stride=(2, 2))
     out = pool(x)
     assert out.shape == (1, 1, 3, 3)
     # 5, k3, s2 pads (1, 1): window of output i covers rows 2i-1 .. 2i+1 clipped to 0..4.
@@ -135,7 +136,7 @@ def test_max_pool_same_pads_with_minus_infinity():
 def test_max_pool_same_even_size_pads_after_only():
     """6 -> 3 with kernel 3 stride 2 pads (0, 1): the last window is rows 4, 5 (+ one pad)."""
     x = -(torch.arange(36.0).reshape(1, 1, 6, 6) + 1.0)
-    out = MaxPool2dSame((3, 3), (2, 2))(x)
+    out = max_pool_same(x, (3, 3), (2, 2))
     expected = torch.tensor([[x[0, 0, r:r + 3, c:c + 3].max() for c in (0, 2, 4)]
                              for r in (0, 2, 4)])
     torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=0)
@@ -161,7 +162,7 @@ def test_same_ops_match_tensorflow(size):
                                        err_msg=f"conv k{kernel} s{stride}")
         pooled = tf.nn.max_pool2d(x, stride + 1, stride, "SAME").numpy() if stride > 1 else None
         if pooled is not None:
-            got = MaxPool2dSame((stride + 1,) * 2, (stride,) * 2)(x_t).permute(0, 2, 3, 1)
+            got = max_pool_same(x_t, (stride + 1,) * 2, (stride,) * 2).permute(0, 2, 3, 1)
             np.testing.assert_array_equal(got.numpy(), pooled)
 
 
