@@ -7,14 +7,19 @@ WORK ?= out
 
 .PHONY: setup demo test verify-all mappings check-mappings bench clean
 
+STAMP := $(VENV)/.effdet-installed
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(PY)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
+$(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet tensorflow-cpu
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
 
 demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -> verify parity
 	mkdir -p $(WORK)
@@ -24,19 +29,19 @@ demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -
 	$(VENV)/bin/verify parity --weights $(WORK)/efficientdet-d0.pth \
 		--golden $(REF)/efficientdet-d0 --report $(WORK)/parity-d0.json --plot $(WORK)/parity-d0.png
 
-test:  ## the test suite (CPU)
+test: setup  ## the test suite (CPU)
 	$(PY) -m pytest -q
 
-verify-all:  ## convert and verify every golden under REF (default ../shared/reference)
+verify-all: setup  ## convert and verify every golden under REF (default ../shared/reference)
 	$(PY) -m verify.verify_all --ref $(REF)
 
-mappings:  ## regenerate mappings/*.tsv from the rules
+mappings: setup  ## regenerate mappings/*.tsv from the rules
 	$(PY) -m mappings.generate
 
-check-mappings:
+check-mappings: setup
 	$(PY) -m mappings.generate --check
 
-bench:  ## conversion and inference benchmarks (print figures)
+bench: setup  ## conversion and inference benchmarks (print figures)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_inference.py
 
