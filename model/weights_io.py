@@ -6,11 +6,12 @@ folder, then a rename, so an interrupted write never leaves a half-written file 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -26,25 +27,34 @@ def check_suffix(path: Path) -> str:
     return suffix
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yields a temporary file name beside ``path``; renames it over ``path`` when the block
+    succeeds (atomic within one file system) and removes it when the block fails."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp_name
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, Any]) -> Path:
     """Writes ``state_dict`` and JSON-safe ``metadata`` atomically; the format follows the suffix."""
     path = Path(path)
     suffix = check_suffix(path)
     tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_name,
                       metadata={_SAFETENSORS_KEY: json.dumps(metadata)})
         else:
             torch.save({"state_dict": tensors, "metadata": dict(metadata)}, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

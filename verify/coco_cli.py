@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from converter.archive import sha256_file
 from verify import coco as coco_lib
 from verify.cli_utils import (
     CONTEXT_SETTINGS,
@@ -22,7 +23,6 @@ from verify.cli_utils import (
     library_errors,
     setup_logging,
 )
-from verify.io_utils import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
         # looked up on the package at call time, so that tests can monkeypatch it
         model = coco_lib.load_model(weights, postprocess=postprocess, device=device)
         logger.info("hashing %s", weights)
-        weights_sha256 = file_sha256(weights)
+        weights_sha256 = sha256_file(weights)
         run_info = {
             "weights_sha256": weights_sha256,
             "variant": model.variant,
