@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["REFERENCE_DIR", "load_manifest", "synth_checkpoint", "synth_module", "synth_tensors",
+__all__ = ["REFERENCE_DIR", "cached_manifest", "load_manifest", "synth_checkpoint", "synth_module", "synth_tensors",
            "write_checkpoint"]
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -34,6 +35,10 @@ def load_manifest(manifest_dir_name: str) -> dict:
     """``REFERENCE_DIR/<manifest_dir_name>/manifest.json`` as a dict."""
     with (REFERENCE_DIR / manifest_dir_name / "manifest.json").open(encoding="utf-8") as f:
         return json.load(f)
+
+
+#: ``load_manifest`` read once per session; the dict is shared, so callers must not change it.
+cached_manifest = functools.lru_cache(maxsize=None)(load_manifest)
 
 
 _SYNTH_MODULE = None

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REFERENCE_DIR, load_manifest
+from helpers import REFERENCE_DIR, cached_manifest
 from mappings import IGNORED_TF, Layout, mapping_table, tf_to_pt
 from mappings.layouts import pt_shape, tf_shape, to_torch
 from mappings.rules import RULES
@@ -35,14 +35,9 @@ INTENDED_OVERLAPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _manifest(dir_name: str) -> dict:
-    return load_manifest(dir_name)
-
-
-@functools.lru_cache(maxsize=None)
 def _table(dir_name: str) -> tuple:
     """(config, {tf_name: MappingEntry}) of a manifest's variant, classes and image size."""
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     hparams = manifest["hparams"]
     config = get_config(hparams["name"], num_classes=manifest["num_classes"],
                         image_size=hparams["image_hw"])
@@ -72,7 +67,7 @@ def _apply_rule(rule, name: str) -> str:
 def test_rules_resolve_every_manifest_name_once(dir_name):
     """Each model variable has one winning rule; where two rules match with different keys,
     the overlap is one of the intended ones and the earlier rule's key is the table's."""
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     config, table = _table(dir_name)
     overlaps = set()
     for var in manifest["variables"]:
@@ -93,7 +88,7 @@ def test_rules_resolve_every_manifest_name_once(dir_name):
 
 @pytest.mark.parametrize("dir_name", MANIFEST_DIRS)
 def test_ignore_list_covers_exactly_the_non_model_variables(dir_name):
-    for var in _manifest(dir_name)["variables"]:
+    for var in cached_manifest(dir_name)["variables"]:
         ignored = [p for p in IGNORED_TF if re.search(p, var["name"])]
         if var["role"] in ("optimizer_slot", "step"):
             assert ignored, var["name"]
@@ -285,16 +280,16 @@ def test_tables_up_to_date():
 
 
 @pytest.mark.parametrize("dir_name", [d for d in MANIFEST_DIRS
-                                      if _manifest(d)["num_classes"] == 90
-                                      and "image_size_override" not in _manifest(d)])
+                                      if cached_manifest(d)["num_classes"] == 90
+                                      and "image_size_override" not in cached_manifest(d)])
 def test_committed_table_names_equal_manifest(dir_name):
     import mappings
-    path = Path(mappings.__file__).parent / f"{_manifest(dir_name)['variant']}.tsv"
+    path = Path(mappings.__file__).parent / f"{cached_manifest(dir_name)['variant']}.tsv"
     if not path.is_file():
         pytest.skip(f"{path.name} not generated yet")
     rows = [line.split("\t") for line in path.read_text().splitlines()
             if line and not line.startswith("#")]
-    expected = {v["name"]: v["shape"] for v in _manifest(dir_name)["variables"]
+    expected = {v["name"]: v["shape"] for v in cached_manifest(dir_name)["variables"]
                 if v["role"] == "model"}
     assert {r[0] for r in rows} == set(expected)
     assert all(r[3] == "[" + ",".join(map(str, expected[r[0]])) + "]" for r in rows)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REFERENCE_DIR, load_manifest
+from helpers import REFERENCE_DIR, cached_manifest
 from mappings import mapping_table
 from model import fpn_config
 from model.anchors import Anchors, anchor_boxes_yxyx
@@ -37,14 +37,9 @@ GOLDEN_DIRS = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/golden.json"))
 
 
 @functools.lru_cache(maxsize=None)
-def _manifest(dir_name: str) -> dict:
-    return load_manifest(dir_name)
-
-
-@functools.lru_cache(maxsize=None)
 def _meta_model(dir_name: str) -> EfficientDet:
     """The model of a manifest, built as the brief says: name + num_classes + image_hw."""
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     hparams = manifest["hparams"]
     with torch.device("meta"):
         model = EfficientDet.from_config(hparams["name"], num_classes=manifest["num_classes"],
@@ -69,7 +64,7 @@ def _nchw(nhwc_shape) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("dir_name", MANIFEST_DIRS)
 def test_parameter_count_and_size_match_manifest(dir_name):
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     model = _meta_model(dir_name)
     expected = _model_vars(manifest)
     state = _persistent_state(model)
@@ -87,7 +82,7 @@ def test_parameter_count_and_size_match_manifest(dir_name):
 def test_mapping_table_names_and_shapes_equal_manifest(dir_name):
     """automl's test_model_variables, across frameworks: the TF names + shapes our model maps to
     are exactly the checkpoint's model variables, and each PT shape is the state_dict's."""
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     model = _meta_model(dir_name)
     table = mapping_table(model.config)
     tf_side = {e.tf_name: tuple(e.tf_shape) for e in table}
@@ -128,7 +123,7 @@ HPARAM_TO_CONFIG = {   # automl summary field -> DetConfig field (same name unle
 
 @pytest.mark.parametrize("dir_name", MANIFEST_DIRS)
 def test_config_fields_equal_hparams(dir_name):
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     hparams = manifest["hparams"]
     config = _meta_model(dir_name).config
     for hp_name, field in HPARAM_TO_CONFIG.items():
@@ -159,7 +154,7 @@ def test_config_fields_equal_hparams(dir_name):
 
 @pytest.mark.parametrize("dir_name", MANIFEST_DIRS)
 def test_bifpn_nodes_equal_hparams(dir_name):
-    hparams = _manifest(dir_name)["hparams"]
+    hparams = cached_manifest(dir_name)["hparams"]
     config = _meta_model(dir_name).config
     nodes = fpn_config.bifpn_nodes(config.min_level, config.max_level)
     assert [(n.feat_level, list(n.inputs_offsets)) for n in nodes] == \
@@ -171,7 +166,7 @@ def test_bifpn_nodes_equal_hparams(dir_name):
 
 @pytest.mark.parametrize("dir_name", MANIFEST_DIRS)
 def test_backbone_blocks_equal_hparams(dir_name):
-    hparams = _manifest(dir_name)["hparams"]
+    hparams = cached_manifest(dir_name)["hparams"]
     config = _meta_model(dir_name).config
     blocks = build_blocks(BACKBONES[config.backbone_name])
     built = hparams["backbone_blocks_built"]
@@ -189,7 +184,7 @@ def test_backbone_blocks_equal_hparams(dir_name):
 def test_keras_channel_quirk_of_lite3_lite4_blocks_0(dir_name):
     """The block args of blocks_0 say 40 / 48 input filters, but fix_head_stem keeps the stem at
     32 and Keras sizes layers from the incoming tensor: the checkpoint (and our model) use 32."""
-    manifest = _manifest(dir_name)
+    manifest = cached_manifest(dir_name)
     model = _meta_model(dir_name)
     args = build_blocks(BACKBONES[model.config.backbone_name])[0]
     stem = stem_filters(BACKBONES[model.config.backbone_name])
@@ -489,7 +484,7 @@ def test_reset_head_changes_only_class_predict():
         class_outputs, _ = model.eval()(torch.randn(1, 3, 128, 128))
     assert class_outputs[0].shape == (1, 180, 16, 16)
     if (REFERENCE_DIR / "efficientdet-d0-nc20" / "manifest.json").is_file():
-        nc20 = {v["name"]: tuple(v["shape"]) for v in _model_vars(_manifest("efficientdet-d0-nc20"))}
+        nc20 = {v["name"]: tuple(v["shape"]) for v in _model_vars(cached_manifest("efficientdet-d0-nc20"))}
         assert {e.tf_name: tuple(e.tf_shape) for e in mapping_table(model.config)} == nc20
 
 
