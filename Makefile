@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REF ?= ../shared/reference
 WORK ?= out
+# Extra verify_all flags, e.g. VERIFY_ALL_FLAGS=--optimized to verify through optimize().
+VERIFY_ALL_FLAGS ?=
 
 .PHONY: setup demo test verify-all mappings check-mappings bench clean
 
@@ -33,7 +35,7 @@ test: setup  ## the test suite (CPU)
 	$(PY) -m pytest -q
 
 verify-all: setup  ## convert and verify every golden under REF (default ../shared/reference)
-	$(PY) -m verify.verify_all --ref $(REF)
+	$(PY) -m verify.verify_all --ref $(REF) $(VERIFY_ALL_FLAGS)
 
 mappings: setup  ## regenerate mappings/*.tsv from the rules
 	$(PY) -m mappings.generate
