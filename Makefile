@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet tensorflow-cpu
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,export]'
 	touch $@
 
 setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu and this project into .venv

@@ -18,6 +18,7 @@ from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
 from .download import RELEASES, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError
+from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, OUTPUT_KINDS, export_model
 from .readers import read_checkpoint
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
@@ -125,13 +126,26 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
 @click.option("--base-url", default=None, metavar="URL",
               help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
+@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
+              help="Export converted weights (--ckpt W.pth/.safetensors) to a graph format "
+                   "instead of converting a TF checkpoint [default: from --out's suffix: "
+                   + ", ".join(f"{k} -> {v}" for k, v in EXPORT_SUFFIXES.items()) + "].")
+@click.option("--outputs", type=click.Choice(list(OUTPUT_KINDS)), default="raw",
+              show_default=True,
+              help="Export: raw head outputs (post-process on the host, any automl path), "
+                   "decoded boxes + sigmoid scores, or nms (ONNX only: automl's global path "
+                   "with hard NMS in the graph).")
+@click.option("--dynamic-batch", is_flag=True, help="Export: leave the batch dimension free.")
+@click.option("--dynamic-size", is_flag=True,
+              help="Export: leave height and width free (raw outputs; not TorchScript).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.version_option(tool_version(), "--version", prog_name="convert")
 def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
-         force: bool,
-         cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
+         force: bool, cache_dir: Path | None, base_url: str | None, to_format: str | None,
+         outputs: str, dynamic_batch: bool, dynamic_size: bool, as_json: bool,
+         quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -139,6 +153,7 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
       convert --ckpt efficientdet-d4 --out d4.pth
       convert --ckpt ./my-train-dir --out mine.safetensors --variant efficientdet-d0
       convert --ckpt efficientdet-d0/d0.h5 --out d0.pth
+      convert --ckpt d0.pth --out d0.onnx --dynamic-batch     (export; also --to)
 
     Every model variable must map to exactly one PyTorch key with the right shape; otherwise
     the unmatched names are listed and nothing is written.
@@ -148,6 +163,18 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     4 unknown, ambiguous or mismatched variant, 5 NaN/Inf in weights,
     6 output exists or its folder is missing, 7 download failed.
     """
+    to_format = to_format or EXPORT_SUFFIXES.get(out.suffix.lower())
+    if to_format is not None:
+        options = {"outputs": outputs, "dynamic_batch": dynamic_batch,
+                   "dynamic_size": dynamic_size}
+        if image_size is not None:
+            options["image_size"] = parse_image_size(parse_size(image_size))
+        try:
+            run_export(Path(ckpt), to_format, out, force, options)
+        except ConversionError as error:
+            raise _exit(error)
+        click.echo(str(out))
+        return
     started = time.perf_counter()
     try:
         check_output(out, force)
@@ -187,6 +214,21 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
             for line in lines:
                 click.echo(line, err=True)
         click.echo(str(out))
+
+
+def run_export(weights: Path, fmt: str, out: Path, force: bool, options: dict) -> None:
+    """``convert --to FMT``: converted weights -> ``export_model``."""
+    from model import EfficientDet
+    if weights.suffix.lower() not in WEIGHT_SUFFIXES or not weights.is_file():
+        raise InputError(f"{weights}: --to {fmt} exports converted weights "
+                         f"({', '.join(WEIGHT_SUFFIXES)}); convert the TF checkpoint first")
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to overwrite")
+    try:
+        model = EfficientDet.from_pretrained(weights)
+    except (ValueError, RuntimeError, OSError, KeyError) as error:
+        raise InputError(f"{weights}: cannot load weights: {error}") from None
+    export_model(model, fmt, out, **options)
 
 
 def _exit(error: ConversionError) -> click.ClickException:
