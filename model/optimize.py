@@ -9,8 +9,10 @@ Rewrites a copy of the network; the original is left untouched:
 * the strided convs' TF 'SAME' padding is computed once for the fixed input size (symmetric
   padding goes into the conv itself, asymmetric into one constant ``F.pad``);
 * weights and input in ``channels_last`` (oneDNN's native layout for the convs);
-* optionally ``torch.compile`` (inductor with freezing). Its first call compiles: measured on
-  the 2-core CI machine, d0 takes about a minute, so it is opt-in (``compile=True``).
+* optionally ``torch.compile`` (inductor with freezing). Its first call compiles C++ kernels:
+  d0 took 630 s on the shared 2-core machine (load ~14; torch 2.13, CPU), outputs equal to
+  1e-7 of scale. Too slow to start and too dependent on a C++ toolchain to be the default, so
+  it is opt-in (``compile=True``); inductor caches compiled kernels on disk for later processes.
 
 The result returns what ``model(images)`` returns (and fills ``taps`` the same way, uncompiled),
 equal within float32 rounding (relative ~1e-6; see tests/test_optimize.py).
@@ -184,8 +186,8 @@ class OptimizedEfficientDet(nn.Module):
 def optimize(model: nn.Module, image_size: Optional[tuple[int, int]] = None,
              channels_last: bool = True, compile: bool = False) -> nn.Module:
     """The inference module of :mod:`model.optimize` for ``image_size`` (H, W; default: the
-    config's). ``compile=True`` wraps it in ``torch.compile(inductor, freezing)``: about a
-    minute on the first call for d0 on 2 cores, then faster; calls with taps are not compiled."""
+    config's). ``compile=True`` wraps it in ``torch.compile(inductor, freezing)``: minutes on
+    the first call (see the module doc), then faster; calls with taps are not compiled."""
     from .config import parse_image_size
     image_size = parse_image_size(image_size) if image_size is not None else \
         tuple(model.config.image_size)
