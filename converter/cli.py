@@ -10,13 +10,14 @@ from pathlib import Path
 
 import click
 
-from model.config import VARIANTS, parse_image_size
+from model.config import parse_image_size
+from model.registry import RELEASES, VARIANTS
 from model.weights_io import WEIGHT_SUFFIXES, save_weights
 
 from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
-from .download import RELEASES, resolve_release
+from .download import resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError
 from .readers import read_checkpoint
 
@@ -107,12 +108,14 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
                    ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
-                   "lite4) taken from the cache or downloaded.")
+                   "lite4, lite3x, d2-640 ... d6-640, d0-advprop ... d5-advprop) taken from the "
+                   "cache or downloaded; a release name also records its input size and "
+                   "normalisation.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors.")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); by default "
-                   "detected from the checkpoint's names and shapes.")
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); "
+                   "by default detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
@@ -153,8 +156,13 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
         check_output(out, force)
         path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
         contents = read_checkpoint(path, cache_dir=cache_dir)
-        overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
-        config = detect_config(contents.names, variant, source=path, **overrides)
+        # A release name brings its variant and the input size and normalisation it expects.
+        release = RELEASES.get(ckpt) if path != Path(ckpt) else None
+        overrides = dict(release.config) if release else {}
+        if image_size is not None:
+            overrides["image_size"] = parse_size(image_size)
+        config = detect_config(contents.names, variant or (release and release.variant),
+                               source=path, **overrides)
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):
@@ -167,7 +175,8 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
                                                     progress=progress)
         lines = summary(report, config, contents.source, contents.format,
                         time.perf_counter() - started)
-        metadata_ = {"variant": config.name, "config": config.to_dict(),
+        metadata_ = {"variant": config.name, **({"release": release.name} if release else {}),
+                     "config": config.to_dict(),
                      "source": {"path": str(contents.source), "format": contents.format,
                                 "sha256": _identity(contents.source),
                                 "ema": report.ema_source},
