@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from pycocotools.coco import COCO
+
 from converter.archive import sha256_file
 from verify import coco as coco_lib
 from verify.coco import distributed
@@ -28,6 +30,7 @@ from verify.cli_utils import (
     EXIT_INPUT,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    CliError,
     fail,
     library_errors,
     setup_logging,
@@ -60,7 +63,9 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
 @click.option("--results", "results_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, show_default="./<weights stem>.<postprocess>.coco_results.json",
               help="COCO results JSON to write; an interrupted run leaves "
-                   "<results>.partial.jsonl and the same command resumes from it.")
+                   "<results>.partial.jsonl (under torchrun one per rank: "
+                   "<results>.rank<R>-of-<W>.partial.jsonl) and the same command resumes "
+                   "from it, with any number of processes.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the JSON report to this file.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
@@ -91,37 +96,20 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
     except DistributedSetupError as exc:
         fail(f"rank {group.rank}: {exc}", EXIT_USAGE)
     results_path = results_path or default_results_path(weights, postprocess)
-    try:
-        with distributed.process_group(group, rank_device), _library_errors():
-            with group.agreed():
-                _check_paths(weights, images, annotations, results_path, report_path)
-                ground_truth = coco_lib.load_annotations(annotations)
-                # looked up on the package at call time, so that tests can monkeypatch it
-                model = coco_lib.load_model(
-                    weights, postprocess=postprocess,
-                    device=str(rank_device) if group.is_distributed else device)
-                logger.info("hashing %s", weights)
-                weights_sha256 = sha256_file(weights)
-            run_info = {
-                "weights_sha256": weights_sha256,
-                "variant": model.variant,
-                "image_size": list(model.image_size),
-                "postprocess": postprocess,
-                "nms_configs": dict(model.nms_configs),
-            }
-            try:
-                inference = coco_lib.run_inference(
-                    model.predict, images, ground_truth, batch_size=batch_size,
-                    max_images=max_images, results_path=results_path, progress=not quiet,
-                    run_info=run_info, group=group)
-            except KeyboardInterrupt:
-                fail(f"interrupted; finished batches are kept in "
-                     f"{coco_lib.partial_path_for(results_path)}; run the same command to resume",
-                     EXIT_INTERRUPTED)
-    except RanksFailed as exc:  # every rank gets here; rank 0 says why
-        if group.is_root:
-            fail(str(exc), exc.exit_code)
-        ctx.exit(exc.exit_code)
+    with distributed.process_group(group, rank_device):
+        try:
+            with _library_errors():
+                ground_truth, model, weights_sha256, inference = _run_shard(
+                    group, weights=weights, images=images, annotations=annotations,
+                    postprocess=postprocess, batch_size=batch_size, max_images=max_images,
+                    results_path=results_path, report_path=report_path,
+                    device=str(rank_device) if group.is_distributed else device,
+                    progress=not quiet)
+        except RanksFailed as exc:  # every rank gets here; rank 0 says why before any rank leaves
+            if group.is_root:
+                CliError(str(exc), exc.exit_code).show()
+            group.barrier()  # torchrun stops the other ranks as soon as one exits non-zero
+            ctx.exit(exc.exit_code)
     if not group.is_root:  # rank 0 evaluates and reports
         return
 
@@ -141,6 +129,37 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
         (logger.warning if note in metrics.notes else logger.info)("note: %s", note)
     click.echo(report.to_json() if as_json else coco_lib.format_table(report), nl=False)
     ctx.exit(report.exit_code)
+
+
+def _run_shard(group: RankGroup, *, weights: Path, images: Path, annotations: Path,
+               postprocess: str, batch_size: int, max_images: int | None, results_path: Path,
+               report_path: Path | None, device: str | None, progress: bool
+               ) -> tuple[COCO, coco_lib.LoadedModel, str, coco_lib.InferenceResult]:
+    """This rank's part: check the inputs, load the model, run inference on its shard (rank 0
+    also writes the results file). Returns the annotations, model, weights hash and inference."""
+    with group.agreed():
+        _check_paths(weights, images, annotations, results_path, report_path)
+        ground_truth = coco_lib.load_annotations(annotations)
+        # looked up on the package at call time, so that tests can monkeypatch it
+        model = coco_lib.load_model(weights, postprocess=postprocess, device=device)
+        logger.info("hashing %s", weights)
+        weights_sha256 = sha256_file(weights)
+    run_info = {
+        "weights_sha256": weights_sha256,
+        "variant": model.variant,
+        "image_size": list(model.image_size),
+        "postprocess": postprocess,
+        "nms_configs": dict(model.nms_configs),
+    }
+    try:
+        inference = coco_lib.run_inference(
+            model.predict, images, ground_truth, batch_size=batch_size, max_images=max_images,
+            results_path=results_path, progress=progress, run_info=run_info, group=group)
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished batches are kept in "
+             f"{coco_lib.partial_path_for(results_path)}; run the same command to resume",
+             EXIT_INTERRUPTED)
+    return ground_truth, model, weights_sha256, inference
 
 
 def _check_paths(weights: Path, images: Path, annotations: Path, results_path: Path,

@@ -156,6 +156,10 @@ class RankGroup:
         dist.gather_object(value, values, dst=0)
         return values
 
+    def barrier(self) -> None:
+        """Wait until every rank has got here."""
+        self.exchange(None)
+
     def agree(self, error: BaseException | None = None, *, work: int = 0) -> int:
         """An agreement point: returns the sum of ``work`` over the ranks if no rank failed.
 
