@@ -69,7 +69,8 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the JSON report to this file.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              show_default="cuda if available", help="Torch device for the model.")
+              show_default="cuda if available",
+              help="Torch device for the model (under torchrun each rank uses cuda:LOCAL_RANK).")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=coco_lib.DEFAULT_TOLERANCE_AP,
               help="Allowed |AP - published AP| in AP points for a full val2017 run.")
 @click.option("--json", "as_json", is_flag=True,
@@ -138,7 +139,9 @@ def _run_shard(group: RankGroup, *, weights: Path, images: Path, annotations: Pa
     """This rank's part: check the inputs, load the model, run inference on its shard (rank 0
     also writes the results file). Returns the annotations, model, weights hash and inference."""
     with group.agreed():
-        _check_paths(weights, images, annotations, results_path, report_path)
+        # rank 0 alone writes the report; every rank writes its partial file beside the results
+        _check_paths(weights, images, annotations, results_path,
+                     report_path if group.is_root else None)
         ground_truth = coco_lib.load_annotations(annotations)
         # looked up on the package at call time, so that tests can monkeypatch it
         model = coco_lib.load_model(weights, postprocess=postprocess, device=device)
