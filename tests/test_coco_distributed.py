@@ -31,6 +31,8 @@ from verify.coco.distributed import (
 )
 from verify.coco.inference import partial_paths_of_other_runs
 
+pytestmark = pytest.mark.needs_coco
+
 REPO = Path(__file__).resolve().parents[1]
 SORTED_IDS = sorted(GROUND_TRUTH)  # [7, 42, 139, 285]: rank 0 gets [7, 139], rank 1 [42, 285]
 
