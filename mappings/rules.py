@@ -100,10 +100,10 @@ SCOPE_TO_TF: tuple[tuple[str, str], ...] = (
 # per reason. Patterns match TF1 variable names (name-based checkpoints) and TF2 object-based
 # checkpoint keys (``<object path>/.ATTRIBUTES/VARIABLE_VALUE``) alike. automl trains with
 # optimizer 'sgd' or 'adam' (hparams_config.py:213): TF1 tf.train.MomentumOptimizer /
-# AdamOptimizer (det_model_fn.py:379-384), TF2 Keras SGD(momentum) / Adam (tf2/train_lib.py:176-199),
-# wrapped in tfa MovingAverage ('average' slots, inner optimizer 'awg_optimizer') and optionally
-# LossScaleOptimizer ('inner_optimizer', 'loss_scale'). Anything else stays a model tensor and
-# must map, so an unknown extra tensor still fails the conversion.
+# AdamOptimizer (det_model_fn.py:379-384), TF2 Keras SGD(momentum) / Adam
+# (tf2/train_lib.py:176-199), wrapped in tfa MovingAverage ('average' slots, inner optimizer
+# 'awg_optimizer') and optionally LossScaleOptimizer ('inner_optimizer', 'loss_scale'). Anything
+# else stays a model tensor and must map, so an unknown extra tensor still fails the conversion.
 _TF2_SLOT = r"/\.OPTIMIZER_SLOT/optimizer/(?:[^/]+/)*"
 IGNORED_TF: dict[str, str] = {
     # TF1 name-based: slots are <variable>/<optimizer name>[_N], accumulators live at the root.

@@ -154,7 +154,7 @@ def resize_and_pad(
     out = x.new_zeros((3, target_hw[0], target_hw[1]))
     out[:, :scaled_h, :scaled_w] = resized
     if scale_range:
-        # Port of automl efficientdet/dataloader.py::InputReader.dataset_parser (scale_range) @ 6a54c87
+        # Port of automl efficientdet/dataloader.py::InputReader.dataset_parser @ 6a54c87
         out = out * 2.0 / 255 - 1.0
     image_scale_to_original = float(np.float32(1.0) / np.float32(scale))
     return out, image_scale_to_original

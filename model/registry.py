@@ -143,8 +143,9 @@ def _advprop(tag: str, ap: float) -> Release:
 
 
 # Sources: google/automl efficientdet/README.md and Det-AdvProp.md at 6a54c87. efficientdet/tf2/
-# README.md at the same commit prints D2 AP^val as 43.1 (main README: 43.5). sha256: openvinotoolkit/
-# open_model_zoo models/public/efficientdet-d{0,1}-tf/model.yml (28828936 and 48828228 bytes).
+# README.md at the same commit prints D2 AP^val as 43.1 (main README: 43.5). sha256:
+# openvinotoolkit/open_model_zoo models/public/efficientdet-d{0,1}-tf/model.yml (28828936 and
+# 48828228 bytes).
 RELEASES: Mapping[str, Release] = {release.name: release for release in (
     _coco2("d0", 34.3, "pyfunc", _PYFUNC_ERA,
            "74794c937aa1fa2f559c2393d22b251b1f7135a49b108bd0414bc4f4800ca15d"),
