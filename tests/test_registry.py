@@ -195,3 +195,21 @@ def test_fixed_640_release_records_its_image_size(tmp_path):
     assert model.config.image_size == (640, 640) and model.config.name == "efficientdet-d2"
     assert model.anchors.boxes_yxyx.shape[0] == sum(
         ((640 + 2 ** level - 1) // 2 ** level) ** 2 for level in range(3, 8)) * 9
+
+
+def test_verify_coco_compares_a_release_with_its_own_published_ap(tmp_path):
+    """Weights recording an AdvProp release are reported (and compared) as that release, not as
+    the variant whose config name they share."""
+    from model.weights_io import save_weights
+    from verify.coco import load_model
+
+    name = "efficientdet-d0-advprop"
+    config = release_config(name)
+    state = EfficientDet(config).state_dict()
+    for release, expected in ((name, name), (None, "efficientdet-d0")):
+        metadata = {"variant": config.name, "config": config.to_dict(),
+                    **({"release": release} if release else {})}
+        path = save_weights(tmp_path / f"{release}.pth", state, metadata)
+        loaded = load_model(path, postprocess="per_class", device="cpu")
+        assert loaded.variant == expected
+    assert (OFFICIAL_AP[name].ap, OFFICIAL_AP["efficientdet-d0"].ap) == (35.1, 34.3)
