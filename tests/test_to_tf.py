@@ -6,6 +6,8 @@ with TensorFlow's own checkpoint reader. Then every way the export refuses bad i
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,30 @@ def test_round_trip_is_bit_exact(tf, tmp_path, variant):
     again, first = load_weights(tmp_path / "again.pth")[0], load_weights(ema)[0]
     assert again.keys() == first.keys()
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+AUTOML_DIR = os.environ.get("EFFDET_AUTOML_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.needs_tf
+@pytest.mark.skipif(not AUTOML_DIR, reason="set EFFDET_AUTOML_DIR to a google/automl checkout "
+                                           "to run automl on the written checkpoint")
+def test_automl_restores_the_written_checkpoint_and_detects_as_predict(tf, tmp_path):
+    """automl's own inference (``restore_ckpt(..., skip_mismatch=False)``, which needs every
+    variable and shadow) on the written folder: every tap and all three post-processing paths
+    match our model (``verify parity`` in live TF mode; ~1 min of CPU)."""
+    from verify.cli import main as verify_main
+    _, ema, _ = _converted(tmp_path, D0)
+    assert invoke("--ckpt", ema, "--to", "tf-ckpt", "--out", tmp_path / "back").exit_code == 0
+    report = tmp_path / "parity.json"
+    result = CliRunner().invoke(verify_main, [
+        "parity", "--weights", str(ema), "--tf-ckpt", str(tmp_path / "back"),
+        "--automl-dir", AUTOML_DIR, "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    detections = json.loads(report.read_text())["detections"]
+    assert [(d["path"], d["matched"], d["ok"]) for d in detections] == [
+        ("global", 100, True), ("per_class", 100, True), ("pyfunc", 100, True)]
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
