@@ -123,7 +123,7 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
                    "the folder (tf-ckpt) or .pth file (effdet) to write).")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4); by default "
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); by default "
                    "detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
