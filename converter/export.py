@@ -17,13 +17,20 @@ __all__ = ["EXPORT_FORMATS", "export_model"]
 Exporter = Callable[..., Path]
 
 
+def _source_step(metadata: dict) -> int:
+    """The ``global_step`` ``convert`` recorded from the TF checkpoint, else 0."""
+    source = metadata.get("source")
+    step = source.get("global_step") if isinstance(source, dict) else None
+    return step if isinstance(step, int) and step >= 0 else 0
+
+
 def export_tf_ckpt(model: EfficientDet, path: Path, raw_model: EfficientDet | None = None,
                    global_step: int | None = None, force: bool = False) -> Path:
     """automl TF1 name-based checkpoint folder (``converter.to_tf``); ``model``'s weights are
     the EMA shadows, ``raw_model``'s (default: the same) the raw variables. ``global_step``
     defaults to the step the weights were converted from (0 if unknown)."""
     if global_step is None:
-        global_step = (getattr(model, "metadata", {}).get("source") or {}).get("global_step") or 0
+        global_step = _source_step(getattr(model, "metadata", {}))
     raw = None if raw_model is None else raw_model.state_dict()
     tensors = tf_tensors(model.state_dict(), model.config, raw, global_step)
     return write_tf_checkpoint(tensors, path, force=force)
