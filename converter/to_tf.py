@@ -110,9 +110,13 @@ def _save_bundle(tensors: Mapping[str, np.ndarray], prefix: Path) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     names = sorted(tensors)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names,
-                      shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(tensors[name]) for name in names])
+    try:
+        tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names,
+                          shape_and_slices=[""] * len(names),
+                          tensors=[tf.constant(tensors[name]) for name in names])
+    except tf.errors.OpError as error:           # e.g. disk full
+        raise OutputError(f"{prefix}: TensorFlow could not write the checkpoint: "
+                          f"{error.message}") from None
     (prefix.parent / "checkpoint").write_text(
         f'model_checkpoint_path: "{prefix.name}"\n'
         f'all_model_checkpoint_paths: "{prefix.name}"\n', encoding="utf-8")
@@ -136,6 +140,30 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
                           f"tf-ckpt; not replaced")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
+    """Renames ``staging`` to ``out_dir``; an existing ``out_dir`` (checked again: it may have
+    appeared meanwhile) is moved aside first and put back if the rename fails."""
+    check_out_dir(out_dir, force)
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.replace(out_dir, aside / "replaced")
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(aside / "replaced", out_dir)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_tf_checkpoint(tensors: Mapping[str, np.ndarray], out_dir: str | Path,
                         force: bool = False) -> Path:
     """Writes ``out_dir/model.{index,data-00000-of-00001}`` and the ``checkpoint`` state file
@@ -144,19 +172,19 @@ def write_tf_checkpoint(tensors: Mapping[str, np.ndarray], out_dir: str | Path,
     ``out_dir`` is replaced only with ``force``; a failed write leaves nothing behind."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        _save_bundle(tensors, staging / CHECKPOINT_PREFIX)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old",
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
                                         dir=out_dir.parent))
-            os.replace(out_dir, old / "replaced")
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
+    except OSError as error:
+        raise OutputError(f"{out_dir}: cannot write beside it ({error})") from None
+    try:
+        staging.chmod(0o777 & ~_umask())          # mkdtemp's 0700 -> what mkdir would give
+        _save_bundle(tensors, staging / CHECKPOINT_PREFIX)
+        _move_into_place(staging, out_dir, force)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"{out_dir}: {error}") from None
         raise
     return out_dir / CHECKPOINT_PREFIX
 

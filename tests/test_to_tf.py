@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from converter import to_tf
 from converter.cli import main
-from converter.errors import MappingError, NonFiniteError
+from converter.errors import MappingError, NonFiniteError, OutputError
 from helpers import REFERENCE_DIR, cached_manifest, synth_checkpoint
 from mappings.layouts import tf_shape, to_tf as layout_to_tf, to_torch
 from mappings.rules import Layout
@@ -215,3 +215,22 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         to_tf.write_tf_checkpoint({}, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_appearing_meanwhile_is_kept_and_reported(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def race(tensors, prefix):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+    monkeypatch.setattr(to_tf, "_save_bundle", race)
+    with pytest.raises(OutputError, match="out"):
+        to_tf.write_tf_checkpoint({}, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "theirs.txt").read_text() == "theirs"
+
+
+def test_the_folder_gets_the_umask_mode_not_mkdtemps(tmp_path, monkeypatch):
+    monkeypatch.setattr(to_tf, "_save_bundle", lambda tensors, prefix: prefix.write_bytes(b""))
+    to_tf.write_tf_checkpoint({}, tmp_path / "out")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~to_tf._umask()
