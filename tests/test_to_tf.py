@@ -46,6 +46,18 @@ def test_layout_to_tf_inverts_to_torch(layout):
     assert back.flags.c_contiguous and np.array_equal(back, array)
 
 
+@pytest.mark.parametrize("manifest_dir", sorted(p.parent.name for p in
+                                                 REFERENCE_DIR.glob("*/manifest.json")))
+def test_every_manifest_shadows_exactly_the_variables_the_writer_shadows(manifest_dir):
+    """The writer gives every table entry a shadow; automl's training graph (the manifests)
+    keeps one for every model variable, trainable or BN statistic, and no other."""
+    roles: dict[str, list[str]] = {}
+    for variable in cached_manifest(manifest_dir)["variables"]:
+        roles.setdefault(variable["role"], []).append(variable["name"])
+    assert sorted(roles["ema"]) == sorted(name + EMA for name in roles["model"])
+    assert roles["step"] == ["global_step"]
+
+
 @pytest.fixture(scope="module")
 def tf():
     if not (REFERENCE_DIR / "synth_ckpt.py").is_file():
