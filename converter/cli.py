@@ -9,16 +9,19 @@ from importlib import metadata
 from pathlib import Path
 
 import click
+import numpy as np
 
-from model.config import VARIANTS, parse_image_size
+from model import EfficientDet
+from model.config import parse_image_size
+from model.registry import RELEASES, VARIANTS
 from model.weights_io import WEIGHT_SUFFIXES, save_weights
 
 from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
-from .download import RELEASES, resolve_release
-from .errors import ConversionError, InputError, MappingError, OutputError
-from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, OUTPUT_KINDS, export_model
+from .download import resolve_release
+from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
+from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, GRAPH_FORMATS, OUTPUT_KINDS, export_model
 from .readers import read_checkpoint
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
@@ -37,6 +40,14 @@ def _identity(source: Path) -> str:
     index = Path(str(source) + ".index")
     target = index if index.is_file() else source
     return sha256_file(target) if target.is_file() else ""
+
+
+def _global_step(contents) -> int | None:
+    """The checkpoint's training step (kept so ``--to tf-ckpt`` can write it back)."""
+    if "global_step" not in contents.names:
+        return None
+    step = np.asarray(contents.load("global_step"))
+    return int(step.reshape(-1)[0]) if step.size == 1 and step.dtype.kind in "iu" else None
 
 
 def parse_size(text: str) -> int | str:
@@ -108,16 +119,32 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
                    ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
-                   "lite4) taken from the cache or downloaded.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output weights; .pth (state_dict + metadata) or .safetensors.")
+                   "lite4, lite3x, d2-640 ... d6-640, d0-advprop ... d5-advprop) taken from the "
+                   "cache or downloaded; a release name also records its input size and "
+                   "normalisation.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
+                   "the folder (tf-ckpt) or .pth file (effdet) to write).")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4); by default "
-                   "detected from the checkpoint's names and shapes.")
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); "
+                   "by default detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
                    "record it; it is stored in the output's config.")
+@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
+              help="Go the other way: --ckpt is PyTorch weights (.pth/.safetensors) and --out "
+                   "gets them as 'tf-ckpt' (an automl TF1 checkpoint folder: variables, "
+                   "ExponentialMovingAverage shadows, global_step), 'effdet' (a .pth state_dict "
+                   "for rwightman's effdet) or a graph: 'onnx', 'torchscript', 'torch-export' "
+                   "[default for graphs: from --out's suffix: "
+                   + ", ".join(f"{k} -> {v}" for k, v in EXPORT_SUFFIXES.items()) + "].")
+@click.option("--raw-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --to tf-ckpt: weights for the raw variables (e.g. convert --no-ema of "
+                   "the same checkpoint) [default: the --ckpt weights, also the EMA shadows].")
+@click.option("--global-step", type=click.IntRange(min=0), default=None,
+              help="With --to tf-ckpt: the global_step written [default: the step the weights "
+                   "were converted from, else 0].")
 @click.option("--no-ema", is_flag=True,
               help="Take the raw variables instead of their ExponentialMovingAverage shadows.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
@@ -126,10 +153,6 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
 @click.option("--base-url", default=None, metavar="URL",
               help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
-@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
-              help="Export converted weights (--ckpt W.pth/.safetensors) to a graph format "
-                   "instead of converting a TF checkpoint [default: from --out's suffix: "
-                   + ", ".join(f"{k} -> {v}" for k, v in EXPORT_SUFFIXES.items()) + "].")
 @click.option("--outputs", type=click.Choice(list(OUTPUT_KINDS)), default="raw",
               show_default=True,
               help="Export: raw head outputs (post-process on the host, any automl path), "
@@ -142,10 +165,10 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.version_option(tool_version(), "--version", prog_name="convert")
-def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
-         force: bool, cache_dir: Path | None, base_url: str | None, to_format: str | None,
-         outputs: str, dynamic_batch: bool, dynamic_size: bool, as_json: bool,
-         quiet: bool) -> None:
+def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
+         to_format: str | None, raw_weights: Path | None, global_step: int | None, no_ema: bool,
+         force: bool, cache_dir: Path | None, base_url: str | None, outputs: str,
+         dynamic_batch: bool, dynamic_size: bool, as_json: bool, quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -153,7 +176,9 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
       convert --ckpt efficientdet-d4 --out d4.pth
       convert --ckpt ./my-train-dir --out mine.safetensors --variant efficientdet-d0
       convert --ckpt efficientdet-d0/d0.h5 --out d0.pth
-      convert --ckpt d0.pth --out d0.onnx --dynamic-batch     (export; also --to)
+      convert --ckpt d0.pth --to tf-ckpt --out d0-tf      (and back: convert --ckpt d0-tf ...)
+      convert --ckpt d0.pth --to effdet --out d0-effdet.pth
+      convert --ckpt d0.pth --out d0.onnx --dynamic-batch       (graph export; also --to)
 
     Every model variable must map to exactly one PyTorch key with the right shape; otherwise
     the unmatched names are listed and nothing is written.
@@ -165,23 +190,31 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     """
     to_format = to_format or EXPORT_SUFFIXES.get(out.suffix.lower())
     if to_format is not None:
-        options = {"outputs": outputs, "dynamic_batch": dynamic_batch,
-                   "dynamic_size": dynamic_size}
-        if image_size is not None:
-            options["image_size"] = parse_image_size(parse_size(image_size))
-        try:
-            run_export(Path(ckpt), to_format, out, force, options)
-        except ConversionError as error:
-            raise _exit(error)
-        click.echo(str(out))
-        return
+        graph = {"outputs": outputs, "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size}
+        unused = {"--variant": variant, "--no-ema": no_ema}
+        if to_format in GRAPH_FORMATS:
+            if image_size is not None:
+                graph["image_size"] = parse_image_size(parse_size(image_size))
+        else:
+            unused.update({"--image-size": image_size, "--outputs": outputs != "raw",
+                           "--dynamic-batch": dynamic_batch, "--dynamic-size": dynamic_size})
+            graph = {}
+        return _export(Path(ckpt), to_format, out, raw_weights, global_step, force, as_json,
+                       unused=unused, graph_options=graph)
+    if raw_weights is not None or global_step is not None:
+        raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
     started = time.perf_counter()
     try:
         check_output(out, force)
         path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
         contents = read_checkpoint(path, cache_dir=cache_dir)
-        overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
-        config = detect_config(contents.names, variant, source=path, **overrides)
+        # A release name brings its variant and the input size and normalisation it expects.
+        release = RELEASES.get(ckpt) if path != Path(ckpt) else None
+        overrides = dict(release.config) if release else {}
+        if image_size is not None:
+            overrides["image_size"] = parse_size(image_size)
+        config = detect_config(contents.names, variant or (release and release.variant),
+                               source=path, **overrides)
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):
@@ -194,10 +227,12 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
                                                     progress=progress)
         lines = summary(report, config, contents.source, contents.format,
                         time.perf_counter() - started)
-        metadata_ = {"variant": config.name, "config": config.to_dict(),
+        metadata_ = {"variant": config.name, **({"release": release.name} if release else {}),
+                     "config": config.to_dict(),
                      "source": {"path": str(contents.source), "format": contents.format,
                                 "sha256": _identity(contents.source),
-                                "ema": report.ema_source},
+                                "ema": report.ema_source,
+                                "global_step": _global_step(contents)},
                      "tool": {"name": "effdet-tf-port", "version": tool_version()}}
         save_weights(out, state_dict, metadata_)
     except MappingError as error:
@@ -216,19 +251,47 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
         click.echo(str(out))
 
 
-def run_export(weights: Path, fmt: str, out: Path, force: bool, options: dict) -> None:
-    """``convert --to FMT``: converted weights -> ``export_model``."""
-    from model import EfficientDet
-    if weights.suffix.lower() not in WEIGHT_SUFFIXES or not weights.is_file():
-        raise InputError(f"{weights}: --to {fmt} exports converted weights "
-                         f"({', '.join(WEIGHT_SUFFIXES)}); convert the TF checkpoint first")
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to overwrite")
+def _load_weights(path: Path) -> EfficientDet:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise InputError(f"{path}: --to needs PyTorch weights ({', '.join(WEIGHT_SUFFIXES)})")
     try:
-        model = EfficientDet.from_pretrained(weights)
-    except (ValueError, RuntimeError, OSError, KeyError) as error:
-        raise InputError(f"{weights}: cannot load weights: {error}") from None
-    export_model(model, fmt, out, **options)
+        return EfficientDet.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def _export(ckpt: Path, to_format: str, out: Path, raw_weights: Path | None,
+            global_step: int | None, force: bool, as_json: bool, unused: dict,
+            graph_options: dict) -> None:
+    """``convert --to``: PyTorch weights -> ``to_format`` through ``export_model``."""
+    given = [name for name, value in unused.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do not apply with --to")
+    options: dict = {"force": force, **graph_options}
+    if to_format == "tf-ckpt":
+        options["global_step"] = global_step
+    elif raw_weights is not None or global_step is not None:
+        raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
+    try:
+        model = _load_weights(ckpt)
+        if raw_weights is not None:
+            raw_model = _load_weights(raw_weights)
+            if raw_model.config != model.config:
+                raise VariantError(f"{raw_weights}: --raw-weights are of another model "
+                                   f"({raw_model.config.name}) than {ckpt} ({model.config.name})")
+            options["raw_model"] = raw_model
+        written = export_model(model, to_format, out, **options)
+    except MappingError as error:
+        for line in getattr(error, "lines", []):
+            click.echo(line, err=True)
+        raise _exit(error)
+    except ConversionError as error:
+        raise _exit(error)
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "format": to_format, "written": str(written),
+                               "variant": model.config.name}))
+    else:
+        click.echo(str(out))
 
 
 def _exit(error: ConversionError) -> click.ClickException:

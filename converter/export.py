@@ -1,10 +1,13 @@
-"""Export a PyTorch EfficientDet to a deployable graph: ONNX, TorchScript or torch.export.
+"""``convert --to FORMAT``: a PyTorch EfficientDet written in another format, through one table.
 
-``EXPORT_FORMATS`` maps a format name to its exporter ``(model, path, **options) -> None``;
-``export_model(model, fmt, path, **options)`` dispatches through it (``convert --to``). Every
-exporter writes atomically (a temporary file renamed over ``path``).
+``EXPORT_FORMATS`` maps a format name to its exporter ``(model, path, force=False, **options)
+-> Path`` (the path written); ``export_model(model, fmt, path, **options)`` dispatches through it.
+Weights formats: ``tf-ckpt`` (automl TF1 checkpoint, ``converter.to_tf``) and ``effdet``
+(rwightman's effdet state_dict, ``converter.to_effdet``). Graph formats (``GRAPH_FORMATS``):
+ONNX, TorchScript and torch.export, each written atomically (a temporary file renamed over
+``path``).
 
-What the graph returns (input ``images [N, 3, H, W]``, normalised as ``preprocess_batch`` does):
+What a graph returns (input ``images [N, 3, H, W]``, normalised as ``preprocess_batch`` does):
 
 =============  ==================================================  ==========================
 ``outputs``    graph outputs                                       then on the host
@@ -44,6 +47,7 @@ from model.efficientdet import EfficientDet, flatten_outputs
 from model.weights_io import atomic_path
 
 from .errors import ConversionError, OutputError
+from .to_tf import tf_tensors, write_tf_checkpoint
 
 OUTPUT_KINDS = ("raw", "decoded", "nms")
 OUTPUT_NAMES = {"raw": ["cls_logits", "box_deltas"], "decoded": ["boxes_yxyx", "scores"],
@@ -52,7 +56,7 @@ OUTPUT_NAMES = {"raw": ["cls_logits", "box_deltas"], "decoded": ["boxes_yxyx", "
 ONNX_OPSET = 18
 
 
-class ExportError(ConversionError):
+class ExportError(ConversionError, ValueError):
     """The model cannot be exported with these options (exit code 1)."""
 
 
@@ -150,13 +154,47 @@ def _example(size: tuple[int, int], batch_size: int) -> torch.Tensor:
     return torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
 
 
-Exporter = Callable[..., None]
+Exporter = Callable[..., Path]
+
+
+def _check_target(path: Union[str, Path], force: bool) -> None:
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists; pass --force to overwrite")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name")
+
+
+def _source_step(metadata: dict) -> int:
+    """The ``global_step`` ``convert`` recorded from the TF checkpoint, else 0."""
+    source = metadata.get("source")
+    step = source.get("global_step") if isinstance(source, dict) else None
+    return step if isinstance(step, int) and step >= 0 else 0
+
+
+def export_tf_ckpt(model: EfficientDet, path: Path, raw_model: EfficientDet | None = None,
+                   global_step: int | None = None, force: bool = False) -> Path:
+    """automl TF1 name-based checkpoint folder (``converter.to_tf``); ``model``'s weights are
+    the EMA shadows, ``raw_model``'s (default: the same) the raw variables. ``global_step``
+    defaults to the step the weights were converted from (0 if unknown)."""
+    if global_step is None:
+        global_step = _source_step(getattr(model, "metadata", {}))
+    raw = None if raw_model is None else raw_model.state_dict()
+    tensors = tf_tensors(model.state_dict(), model.config, raw, global_step)
+    return write_tf_checkpoint(tensors, path, force=force)
+
+
+def export_effdet(model: EfficientDet, path: Path, force: bool = False) -> Path:
+    """A state_dict rwightman's effdet loads strictly (``converter.to_effdet``)."""
+    from .to_effdet import save_effdet
+    return save_effdet(model, path, force=force)
 
 
 def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                 batch_size: int = 1, dynamic_batch: bool = False, dynamic_size: bool = False,
-                outputs: str = "raw", opset: int = ONNX_OPSET) -> None:
+                outputs: str = "raw", opset: int = ONNX_OPSET, force: bool = False) -> Path:
     """ONNX through ``torch.onnx.export(dynamo=True)``; run it with onnxruntime."""
+    _check_target(path, force)
     graph, size = build_graph(model, image_size, outputs, dynamic_size)
     dims = {}
     if dynamic_batch:
@@ -173,12 +211,14 @@ def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = N
             custom_translation_table={torch.ops.effdet_export.nms.default: _onnx_nms_translation},
             verbose=False, optimize=False)
         program.save(tmp_name, external_data=False)
+    return Path(path)
 
 
 def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                        batch_size: int = 1, dynamic_batch: bool = False,
-                       dynamic_size: bool = False, outputs: str = "raw") -> None:
+                       dynamic_size: bool = False, outputs: str = "raw", force: bool = False) -> Path:
     """TorchScript by ``torch.jit.trace`` (scripting is unsupported; see the module doc)."""
+    _check_target(path, force)
     if outputs == "nms":
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
                           "postprocess_raw, or outputs='decoded' and your own NMS")
@@ -189,12 +229,14 @@ def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: 
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (_example(size, batch_size),), check_trace=False)
         torch.jit.save(torch.jit.freeze(traced), tmp_name)
+    return Path(path)
 
 
 def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                    batch_size: int = 1, dynamic_batch: bool = False, dynamic_size: bool = False,
-                   outputs: str = "raw") -> None:
+                   outputs: str = "raw", force: bool = False) -> Path:
     """``torch.export`` ExportedProgram (``.pt2``); load with ``torch.export.load(path).module()``."""
+    _check_target(path, force)
     if outputs == "nms":
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
                           "postprocess_raw, or outputs='decoded' and your own NMS")
@@ -210,26 +252,32 @@ def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any 
             dynamic_shapes=({**dims},) if dims else None)
     with atomic_path(path) as tmp_name:
         torch.export.save(program, tmp_name)
+    return Path(path)
 
 
 EXPORT_FORMATS: dict[str, Exporter] = {
+    "tf-ckpt": export_tf_ckpt,
+    "effdet": export_effdet,
     "onnx": export_onnx,
     "torchscript": export_torchscript,
     "torch-export": export_program,
 }
+# The formats that take the graph options (outputs, dynamic_batch, dynamic_size, image_size).
+GRAPH_FORMATS = ("onnx", "torchscript", "torch-export")
 # --out suffix -> format, for `convert --out F` without --to.
 EXPORT_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "torch-export"}
 
 
 def export_model(model: EfficientDet, fmt: str, path: Union[str, Path], **options: Any) -> Path:
-    """Exports ``model`` as ``fmt`` (a key of ``EXPORT_FORMATS``) to ``path``; returns ``path``."""
+    """Writes ``model`` as ``fmt`` (a key of ``EXPORT_FORMATS``) to ``path``; returns the path
+    written. Torch / ONNX failures become one-line ``ExportError``s."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"{path}: output folder {path.parent} does not exist")
     try:
-        EXPORT_FORMATS[fmt](model.eval(), path, **options)
+        return EXPORT_FORMATS[fmt](model.eval(), path, **options)
     except ConversionError:
         raise
     except ImportError as error:
@@ -238,7 +286,6 @@ def export_model(model: EfficientDet, fmt: str, path: Union[str, Path], **option
     except (RuntimeError, ValueError, TypeError) as error:   # torch.export / ONNX failures
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportError(f"{fmt} export failed: {first_line}") from None
-    return path
 
 
 # ------------------------------------------------------------------------- host-side step

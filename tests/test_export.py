@@ -149,5 +149,5 @@ def test_convert_to_rejects_a_tf_checkpoint(tmp_path):
     (tmp_path / "ckpt").mkdir()
     result = CliRunner().invoke(convert_main, ["--ckpt", str(tmp_path / "ckpt"), "--to", "onnx",
                                                "--out", str(tmp_path / "m.onnx")])
-    assert result.exit_code == 3 and "convert the TF checkpoint first" in result.output
+    assert result.exit_code == 3 and "needs PyTorch weights" in result.output
     assert not (tmp_path / "m.onnx").exists()
