@@ -125,6 +125,29 @@ class StaticSameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+class PointwiseLinear(nn.Module):
+    """A 1x1 stride-1 conv on a channels_last tensor as one matrix multiply over the NHWC view.
+
+    PyTorch runs small-batch 1x1 convs through its im2col fallback (not oneDNN) on one thread,
+    converting channels_last inputs to NCHW and back; ``F.linear`` reads the NHWC memory as is.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).clone(),
+                                   requires_grad=False)
+        self.bias = None if conv.bias is None else \
+            nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    return type(module) in (nn.Conv2d, Conv2dSame) and module.kernel_size == (1, 1) and \
+        module.stride == (1, 1) and module.groups == 1 and module.padding in ((0, 0), "valid")
+
+
 def _conv_input_sizes(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, set]:
     """Runs ``model`` once at ``image_hw`` and records the input sizes each dynamic conv sees."""
     sizes: dict[str, set] = {}
@@ -203,6 +226,9 @@ def optimize(model: nn.Module, image_size: Optional[tuple[int, int]] = None,
     net.class_net = FoldedHead(net.class_net)
     net.box_net = FoldedHead(net.box_net)
     if channels_last:
+        for name, module in list(net.named_modules()):
+            if _is_pointwise(module):
+                _set_module(net, name, PointwiseLinear(module))
         net = net.to(memory_format=torch.channels_last)
     optimized = OptimizedEfficientDet(net, image_size, channels_last)
     if compile:
