@@ -159,8 +159,6 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "decoded boxes + sigmoid scores, or nms (ONNX only: automl's global path "
                    "with hard NMS in the graph).")
 @click.option("--dynamic-batch", is_flag=True, help="Export: leave the batch dimension free.")
-@click.option("--dynamic-size", is_flag=True,
-              help="Export: leave height and width free (raw outputs; not TorchScript).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
@@ -168,7 +166,7 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
          to_format: str | None, raw_weights: Path | None, global_step: int | None, no_ema: bool,
          force: bool, cache_dir: Path | None, base_url: str | None, outputs: str,
-         dynamic_batch: bool, dynamic_size: bool, as_json: bool, quiet: bool) -> None:
+         dynamic_batch: bool, as_json: bool, quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -190,14 +188,14 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
     """
     to_format = to_format or EXPORT_SUFFIXES.get(out.suffix.lower())
     if to_format is not None:
-        graph = {"outputs": outputs, "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size}
+        graph = {"outputs": outputs, "dynamic_batch": dynamic_batch}
         unused = {"--variant": variant, "--no-ema": no_ema}
         if to_format in GRAPH_FORMATS:
             if image_size is not None:
                 graph["image_size"] = parse_image_size(parse_size(image_size))
         else:
             unused.update({"--image-size": image_size, "--outputs": outputs != "raw",
-                           "--dynamic-batch": dynamic_batch, "--dynamic-size": dynamic_size})
+                           "--dynamic-batch": dynamic_batch})
             graph = {}
         return _export(Path(ckpt), to_format, out, raw_weights, global_step, force, as_json,
                        unused=unused, graph_options=graph)

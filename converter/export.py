@@ -25,9 +25,10 @@ What a graph returns (input ``images [N, 3, H, W]``, normalised as ``preprocess_
 
 automl's default soft-NMS (gaussian) has no ONNX/TorchScript op: export ``raw`` and run
 :func:`postprocess_raw` on the runtime's outputs (it is ``model.postprocess`` on numpy or torch
-inputs). The graph is traced at one input size (fixed SAME padding and anchors) unless
-``dynamic_size=True`` (``raw`` only: anchors depend on the size); ``dynamic_batch=True`` keeps
-the batch dimension free. TorchScript is traced (``torch.jit.trace``), because scripting the
+inputs). A graph is made for one input size (``image_size``, default the config's): SAME padding,
+the resampling between levels and the anchors all follow from it (``torch.export`` with free
+height and width did not finish in 10 minutes on lite0), so export one graph per size;
+``dynamic_batch=True`` keeps the batch dimension free. TorchScript is traced (``torch.jit.trace``), because scripting the
 model's Python (dict taps, f-string module names, config dataclasses) is not supported.
 """
 from __future__ import annotations
@@ -126,23 +127,19 @@ def _onnx_nms_translation(boxes, scores, max_output: int, iou_threshold: float):
 
 
 # ------------------------------------------------------------------------------ building
-def build_graph(model: EfficientDet, image_size: Any = None, outputs: str = "raw",
-                dynamic_size: bool = False) -> tuple[ExportGraph, tuple[int, int]]:
-    """The module to export and its input size (H, W). Fixed sizes go through ``optimize()``
-    (folded BN, static padding); ``dynamic_size`` keeps the model's run-time padding."""
+def build_graph(model: EfficientDet, image_size: Any = None, outputs: str = "raw"
+                ) -> tuple[ExportGraph, tuple[int, int]]:
+    """The module to export and its input size (H, W): the network through ``optimize()`` for
+    that size (folded BN, static padding, NCHW) plus the in-graph post-processing."""
     if outputs not in OUTPUT_KINDS:
         raise ExportError(f"unknown outputs {outputs!r}; expected one of {OUTPUT_KINDS}")
-    if dynamic_size and outputs != "raw":
-        raise ExportError("dynamic_size exports only raw outputs (anchors depend on the size)")
     config = model.config
     size = parse_image_size(image_size) if image_size is not None else tuple(config.image_size)
     if size != tuple(config.image_size):
         resized = EfficientDet(config.replace(image_size=size))
         resized.load_state_dict(model.state_dict())
         model = resized
-    network = model.eval() if dynamic_size else model.optimize(size, channels_last=False)
-    if hasattr(network, "net"):
-        network = network.net      # the optimized nn.Module; its size check stays outside
+    network = model.optimize(size, channels_last=False).net   # its size check stays outside
     from model.postprocess import NmsConfig
     nms = NmsConfig.from_dict(config.nms_configs)
     iou = nms.iou_thresh or 0.5
@@ -191,17 +188,11 @@ def export_effdet(model: EfficientDet, path: Path, force: bool = False) -> Path:
 
 
 def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
-                batch_size: int = 1, dynamic_batch: bool = False, dynamic_size: bool = False,
-                outputs: str = "raw", opset: int = ONNX_OPSET, force: bool = False) -> Path:
+                batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw", opset: int = ONNX_OPSET, force: bool = False) -> Path:
     """ONNX through ``torch.onnx.export(dynamo=True)``; run it with onnxruntime."""
     _check_target(path, force)
-    graph, size = build_graph(model, image_size, outputs, dynamic_size)
-    dims = {}
-    if dynamic_batch:
-        dims[0] = torch.export.Dim("batch", min=1)
-    if dynamic_size:
-        dims[2] = torch.export.Dim.AUTO
-        dims[3] = torch.export.Dim.AUTO
+    graph, size = build_graph(model, image_size, outputs)
+    dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
     with torch.no_grad(), atomic_path(path) as tmp_name, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -215,15 +206,13 @@ def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = N
 
 
 def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
-                       batch_size: int = 1, dynamic_batch: bool = False,
-                       dynamic_size: bool = False, outputs: str = "raw", force: bool = False) -> Path:
+                       batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
+                       force: bool = False) -> Path:
     """TorchScript by ``torch.jit.trace`` (scripting is unsupported; see the module doc)."""
     _check_target(path, force)
     if outputs == "nms":
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
                           "postprocess_raw, or outputs='decoded' and your own NMS")
-    if dynamic_size:
-        raise ExportError("TorchScript traces one input size; export one file per size")
     graph, size = build_graph(model, image_size, outputs)
     with torch.no_grad(), atomic_path(path) as tmp_name, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -233,19 +222,14 @@ def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: 
 
 
 def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
-                   batch_size: int = 1, dynamic_batch: bool = False, dynamic_size: bool = False,
-                   outputs: str = "raw", force: bool = False) -> Path:
+                   batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw", force: bool = False) -> Path:
     """``torch.export`` ExportedProgram (``.pt2``); load with ``torch.export.load(path).module()``."""
     _check_target(path, force)
     if outputs == "nms":
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
                           "postprocess_raw, or outputs='decoded' and your own NMS")
-    graph, size = build_graph(model, image_size, outputs, dynamic_size)
-    dims = {}
-    if dynamic_batch:
-        dims[0] = torch.export.Dim("batch", min=1)
-    if dynamic_size:
-        dims[2] = dims[3] = torch.export.Dim.AUTO
+    graph, size = build_graph(model, image_size, outputs)
+    dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
     with torch.no_grad():
         program = torch.export.export(
             graph, (_example(size, max(batch_size, 2 if dynamic_batch else 1)),),
@@ -262,7 +246,7 @@ EXPORT_FORMATS: dict[str, Exporter] = {
     "torchscript": export_torchscript,
     "torch-export": export_program,
 }
-# The formats that take the graph options (outputs, dynamic_batch, dynamic_size, image_size).
+# The formats that take the graph options (outputs, dynamic_batch, image_size).
 GRAPH_FORMATS = ("onnx", "torchscript", "torch-export")
 # --out suffix -> format, for `convert --out F` without --to.
 EXPORT_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "torch-export"}

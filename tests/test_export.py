@@ -62,11 +62,11 @@ def test_format_table_and_suffixes():
         export_model(_model(), "tflite", "x.tflite")
 
 
-def test_nms_and_dynamic_size_rejected_where_unsupported(tmp_path):
+def test_nms_rejected_where_unsupported(tmp_path):
     with pytest.raises(ExportError, match="ONNX only"):
         export_model(_model(), "torchscript", tmp_path / "m.ts", outputs="nms")
-    with pytest.raises(ExportError, match="dynamic_size"):
-        export_model(_model(), "onnx", tmp_path / "m.onnx", outputs="decoded", dynamic_size=True)
+    with pytest.raises(ExportError, match="unknown outputs"):
+        export_model(_model(), "onnx", tmp_path / "m.onnx", outputs="boxes")
     assert not list(tmp_path.iterdir())
 
 
