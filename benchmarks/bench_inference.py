@@ -2,7 +2,8 @@
 (optionally ``torch.compile``d), onnxruntime, and automl's model under ``tf.function`` when an
 automl checkout and TensorFlow are present; plus pre- and post-processing.
 
-Batch 1 at each variant's native size, random weights (latency does not depend on them). The
+Batch 1 at each variant's native size, random weights unless --weights (the network's latency does
+not depend on them; post-processing's does). The
 paths are timed round-robin (one call of each per round) so that a shared machine's load hits
 them alike; each gets --warmup untimed calls first. Prints a table (median, spread = min..max of
 the middle half, ratio to TF) and writes --json.
@@ -16,6 +17,7 @@ TF paths stay on CPU fp32 and are skipped).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -101,7 +103,8 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
-    model = EfficientDet.from_config(variant).eval()
+    model = EfficientDet.from_pretrained(args.weights) if args.weights else \
+        EfficientDet.from_config(variant).eval()
     height, width = model.config.image_size
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     paths: dict[str, Callable[[], None]] = {}
@@ -119,7 +122,7 @@ def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
         notes["compile_first_call_s"] = time.perf_counter() - started
         paths["compiled"] = torch_path(compiled, images.to(device, dtype), device)
     cpu_fp32 = device == "cpu" and args.dtype == "fp32"
-    if "onnx" in args.paths and cpu_fp32:
+    if "onnx" in args.paths and cpu_fp32 and importlib.util.find_spec("onnxruntime"):
         paths["onnxruntime"], notes["onnx_export_s"] = onnx_path(
             model.to("cpu", torch.float32), images, args.threads, workdir)
     if "tf" in args.paths and cpu_fp32 and args.automl_dir is not None:
@@ -150,7 +153,7 @@ def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
     reference = results.get("tf.function")
     for stats in results.values():
         stats["ratio_to_tf"] = stats["median_ms"] / reference["median_ms"] if reference else None
-    return {"variant": variant, "image_hw": [height, width], "paths": results, **notes}
+    return {"variant": model.config.name, "image_hw": [height, width], "paths": results, **notes}
 
 
 def machine() -> dict:
@@ -176,10 +179,16 @@ def main() -> None:
                         help="google/automl checkout: adds automl's model under tf.function")
     parser.add_argument("--image", type=Path, default=IMAGE,
                         help="image for the pre- and post-processing timings")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="converted weights (.pth) for one variant instead of random ones: "
+                             "post-processing time depends on how many anchors pass the score "
+                             "threshold (with random weights all of them)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = parser.parse_args()
     if args.dtype != "fp32" and args.device != "cuda":
         parser.error("--dtype fp16/bf16 is for --device cuda")
+    if args.weights is not None and len(args.variants) != 1:
+        parser.error("--weights goes with one --variants entry")
     torch.set_num_threads(args.threads)
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
               "variants": []}
@@ -187,7 +196,7 @@ def main() -> None:
         for variant in args.variants:
             result = bench_variant(variant, args, Path(tmp))
             report["variants"].append(result)
-            print(f"{variant} {result['image_hw'][0]}x{result['image_hw'][1]}, "
+            print(f"{result['variant']} {result['image_hw'][0]}x{result['image_hw'][1]}, "
                   f"{args.threads} threads, {args.runs} runs, load {os.getloadavg()[0]:.1f}")
             print(f"  {'path':<20} {'median ms':>10} {'spread ms':>17} {'x TF':>6}")
             for name, stats in result["paths"].items():
