@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -28,6 +29,7 @@ class TrainConfig:
     clip_gradients_norm: float = 10.0
     moving_average_decay: float = 0.9998
     var_freeze_expr: Optional[str] = None
+    map_freq: int = 5                 # COCO AP every map_freq epochs (and after the last)
     # Input pipeline (dataloader.py).
     input_rand_hflip: bool = True
     jitter_min: float = 0.1
@@ -51,6 +53,11 @@ class TrainConfig:
         if not 0 < self.jitter_min <= self.jitter_max:
             raise ValueError("need 0 < jitter_min <= jitter_max")
         self.loss_config()   # validates iou_loss_type
+        if self.var_freeze_expr is not None:
+            try:
+                re.compile(self.var_freeze_expr)
+            except re.error as error:
+                raise ValueError(f"var_freeze_expr {self.var_freeze_expr!r}: {error}") from None
 
     def loss_config(self) -> LossConfig:
         names = {f.name for f in dataclasses.fields(LossConfig)}
