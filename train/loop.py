@@ -235,8 +235,8 @@ def _fine_tune(ctx: distributed.DistContext, train_annotations: Path, train_imag
             if ctx.is_main and ((index + 1) % log_every == 0 or index + 1 == steps_per_epoch):
                 logger.info("epoch %d/%d step %d/%d lr %.5f loss %.4f (cls %.4f box %.5f "
                             "l2 %.4f)%s", epoch + 1, num_epochs, index + 1, steps_per_epoch,
-                            schedule(step - 1), float(values.total + reg), float(values.cls),
-                            float(values.box), float(reg), "" if finite else " skipped: inf")
+                            schedule(step - 1), (values.total + reg).item(), values.cls.item(),
+                            values.box.item(), reg.item(), "" if finite else " skipped: inf")
         mean = (sums / steps_per_epoch).tolist()
         record = EpochRecord(epoch + 1, steps_per_epoch, *mean)
         final_model = ema.module if ema is not None else model
