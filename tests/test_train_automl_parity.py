@@ -25,7 +25,6 @@ from model.anchor_labeler import AnchorLabeler, box_per_level, cls_per_level
 from model.anchors import anchor_boxes_yxyx
 from model.config import get_config
 from model.loss import LossConfig, detection_loss
-from train.step import clip_gradients, l2_regularization
 
 AUTOML_ENV = "EFFDET_AUTOML_DIR"
 
@@ -199,20 +198,3 @@ def test_losses_and_output_gradients_equal_automls(automl, loss_config):
         ours_nhwc = ours_grad.permute(0, 2, 3, 1).numpy()
         scale = np.abs(their_grad).max()
         np.testing.assert_allclose(ours_nhwc, their_grad, rtol=0, atol=LOSS_RTOL * scale)
-
-
-def test_l2_and_gradient_clipping_equal_automls(automl):
-    """automl's ``_reg_l2_loss`` (weight_decay * sum(v**2) / 2 over ``kernel`` variables) and its
-    two-stage clipping (each gradient to ``clip_norm``, then the global norm)."""
-    tf = automl.tf
-    gen = torch.Generator().manual_seed(1)
-    grads = [torch.randn(3, 4, generator=gen) * s for s in (1.0, 30.0, 0.01)]
-    clip_norm = 10.0
-    theirs = [tf.clip_by_norm(tf.constant(g.numpy()), clip_norm) for g in grads]
-    theirs, _ = tf.clip_by_global_norm(theirs, clip_norm)
-    ours = clip_gradients([g.clone() for g in grads], clip_norm)
-    for mine, their in zip(ours, theirs):
-        np.testing.assert_allclose(mine.numpy(), their.numpy(), rtol=1e-6, atol=1e-7)
-    weights = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
-    expected = 4e-5 * tf.add_n([tf.nn.l2_loss(tf.constant(w.numpy())) for w in weights])
-    assert float(l2_regularization(weights, 4e-5)) == pytest.approx(float(expected), rel=1e-6)
