@@ -111,7 +111,7 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors.")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4); by default "
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); by default "
                    "detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
