@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -100,7 +101,7 @@ def main(train_annotations: Path, train_images: Path, out: Path, weights: Option
     Examples:
       train --weights d0.pth --num-classes 5 --train-annotations train.json \\
             --train-images imgs/ --out run/ --batch-size 16 --num-epochs 50
-      torchrun --nproc-per-node 4 -m train.cli --weights d0.pth ...   (several GPUs)
+      torchrun --nproc-per-node 4 -m train --weights d0.pth ...   (several GPUs)
 
     Re-running with the same --out resumes from its checkpoint. Progress goes to stderr; the
     path of the trained weights (model.pth) is printed on stdout.
@@ -140,7 +141,8 @@ def main(train_annotations: Path, train_images: Path, out: Path, weights: Option
     except KeyboardInterrupt:
         click.echo("interrupted; the last finished epoch is in the checkpoint", err=True)
         raise SystemExit(130) from None
-    click.echo(str(result.weights))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(str(result.weights))
 
 
 if __name__ == "__main__":
