@@ -90,7 +90,7 @@ def build_model(weights: Optional[Path], variant: Optional[str], num_classes: Op
     return EfficientDet(config)
 
 
-def _train_step(model: EfficientDet, batch: tuple, trained: list[nn.Parameter],
+def train_step(model: EfficientDet, batch: tuple, trained: list[nn.Parameter],
                 decayed: list[nn.Parameter], optimizer: KerasSGD, scaler: torch.amp.GradScaler,
                 config: TrainConfig, use_amp: bool) -> tuple[LossValues, torch.Tensor, bool]:
     images, cls_targets, box_targets, num_positives = (t.to(model.anchors.boxes_yxyx.device)
@@ -226,7 +226,7 @@ def _fine_tune(ctx: distributed.DistContext, train_annotations: Path, train_imag
         for index, batch in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = schedule(step)
-            values, reg, finite = _train_step(model, batch, trained, decayed, optimizer, scaler,
+            values, reg, finite = train_step(model, batch, trained, decayed, optimizer, scaler,
                                               config, use_amp)
             if finite and ema is not None:
                 ema.update(model)
