@@ -151,3 +151,25 @@ def test_build_model_replaces_the_head_for_other_classes(tmp_path):
     assert model.config.num_classes == 4
     with pytest.raises(Exception, match="unknown variant"):
         build_model(None, "efficientdet-d99", 4, 64)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_under_torchrun(tmp_path, dataset):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "train", "--variant", VARIANT, "--num-classes", "3",
+               "--image-size", "64", "--train-annotations", str(dataset),
+               "--train-images", str(dataset.parent / "images"), "--out", str(out),
+               "--batch-size", "4", "--num-epochs", "2", "--device", "cpu", "-q"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [str(out / "model.pth")]        # rank 0 alone prints
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["step"] == 4             # 8 images / batch 4, 2 epochs
+    assert EfficientDet.from_pretrained(out / "model.pth").config.num_classes == 3
