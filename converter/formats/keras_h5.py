@@ -41,7 +41,7 @@ def _text(value: object) -> str:
 def _names(attribute: object, what: str) -> list[str]:
     """A Keras name-list attribute (``layer_names``, ``weight_names``) as strings."""
     values = np.asarray(attribute)
-    if values.ndim != 1 or values.dtype.kind not in "SUO":
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "SUO"):
         raise ValueError(f"attribute {what} is not a list of names")
     return [_text(x) for x in values]
 
