@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 
 from model.config import VARIANTS, parse_image_size
-from model.weights_io import WEIGHT_SUFFIXES, save_weights
+from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destination, save_weights
 
 from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
 from .download import RELEASES, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError
+from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 from .readers import read_checkpoint
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
@@ -51,12 +52,13 @@ def parse_size(text: str) -> int | str:
 
 
 def check_output(out: Path, force: bool) -> None:
+    """Everything about ``--out`` that can fail, checked before the conversion starts."""
     if out.suffix.lower() not in WEIGHT_SUFFIXES:
         raise OutputError(f"{out}: output must end in one of {', '.join(WEIGHT_SUFFIXES)}")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: output folder {out.parent} does not exist")
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to overwrite")
+    try:
+        check_destination(out, overwrite=force)
+    except DestinationError as error:
+        raise OutputError(str(error)) from None
 
 
 def _is_bundle_prefix(path: Path) -> bool:
@@ -146,8 +148,22 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     \b
     Exit codes: 0 ok, 1 mapping failure, 2 usage, 3 missing or corrupt input,
     4 unknown, ambiguous or mismatched variant, 5 NaN/Inf in weights,
-    6 output exists or its folder is missing, 7 download failed.
+    6 output exists or cannot be written, 7 download failed, 130 interrupted
+    (Ctrl-C or SIGTERM; nothing is left behind).
     """
+    with sigterm_as_interrupt():
+        try:
+            _convert(ckpt, out, variant, image_size, no_ema, force, cache_dir, base_url,
+                     as_json, quiet)
+        except KeyboardInterrupt:
+            exception = click.ClickException(f"interrupted; {out} was not written")
+            exception.exit_code = EXIT_INTERRUPTED
+            raise exception from None
+
+
+def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
+             force: bool, cache_dir: Path | None, base_url: str | None, as_json: bool,
+             quiet: bool) -> None:
     started = time.perf_counter()
     try:
         check_output(out, force)
@@ -172,7 +188,10 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
                                 "sha256": _identity(contents.source),
                                 "ema": report.ema_source},
                      "tool": {"name": "effdet-tf-port", "version": tool_version()}}
-        save_weights(out, state_dict, metadata_)
+        try:
+            save_weights(out, state_dict, metadata_, overwrite=force)
+        except DestinationError as error:
+            raise OutputError(str(error)) from None
     except MappingError as error:
         for line in getattr(error, "report", MappingReport()).problems():
             click.echo(line, err=True)
