@@ -16,8 +16,8 @@ from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destinatio
 from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
-from .download import RELEASES, resolve_release
-from .errors import ConversionError, InputError, MappingError, OutputError
+from .download import RELEASES, check_sha256, release_variant, resolve_release
+from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
 from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 from .readers import read_checkpoint
 
@@ -70,24 +70,46 @@ def _is_bundle_prefix(path: Path) -> bool:
                for entry in path.parent.iterdir() if entry.name.startswith(path.name + "."))
 
 
-def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool) -> Path:
-    """A path (file, folder or checkpoint prefix) as given, or a release name looked up in the
-    cache / downloaded."""
+def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool,
+                 sha256: str | None = None) -> tuple[Path, str | None]:
+    """``(path, None)`` for a path (file, folder or checkpoint prefix) as given, or
+    ``(checkpoint, release name)`` for a release looked up in the cache / downloaded.
+    ``sha256`` is the expected digest of the release archive, or of the file given."""
     path = Path(ckpt)
     if path.exists() or _is_bundle_prefix(path):
-        return path
+        if sha256 is not None:
+            if not path.is_file():
+                raise InputError(f"--sha256 applies to a release name or a single file, "
+                                 f"not {ckpt}")
+            digest = sha256_file(path)
+            if digest != sha256:
+                raise InputError(f"sha256 mismatch for {ckpt}: expected {sha256}, got {digest}")
+        return path, None
     if ckpt in RELEASES:
-        return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url,
-                               progress=None if quiet else _download_progress(ckpt))
+        return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url, sha256=sha256,
+                               progress=None if quiet else _download_progress(ckpt)), ckpt
     raise InputError(f"{ckpt}: no such file or directory, and not a release name "
                      f"({', '.join(RELEASES)})")
 
 
-def _download_progress(name: str):
+def _download_progress(name: str, every_s: float = 0.2):
+    last = [0.0]
+
     def report(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < every_s and done != total:
+            return
+        last[0] = now
         size = f"/{total / 1e6:.1f}" if total else ""
         click.echo(f"\rdownloading {name}: {done / 1e6:.1f}{size} MB", err=True, nl=False)
     return report
+
+
+def _parse_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else check_sha256(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def summary(report: MappingReport, config, source: Path, fmt: str, seconds: float) -> list[str]:
@@ -127,13 +149,17 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
 @click.option("--base-url", default=None, metavar="URL",
               help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
+@click.option("--sha256", default=None, metavar="HEX", callback=_parse_sha256,
+              help="Expected sha256 of the release archive (checked after the download and on "
+                   "every cached reuse) or of the --ckpt file.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.version_option(tool_version(), "--version", prog_name="convert")
 def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
          force: bool,
-         cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
+         cache_dir: Path | None, base_url: str | None, sha256: str | None, as_json: bool,
+         quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -154,7 +180,7 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     with sigterm_as_interrupt():
         try:
             _convert(ckpt, out, variant, image_size, no_ema, force, cache_dir, base_url,
-                     as_json, quiet)
+                     sha256, as_json, quiet)
         except KeyboardInterrupt:
             exception = click.ClickException(f"interrupted; {out} was not written")
             exception.exit_code = EXIT_INTERRUPTED
@@ -162,15 +188,18 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
 
 
 def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
-             force: bool, cache_dir: Path | None, base_url: str | None, as_json: bool,
-             quiet: bool) -> None:
+             force: bool, cache_dir: Path | None, base_url: str | None, sha256: str | None,
+             as_json: bool, quiet: bool) -> None:
     started = time.perf_counter()
     try:
         check_output(out, force)
-        path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
+        path, release = resolve_ckpt(ckpt, cache_dir, base_url, quiet, sha256)
         contents = read_checkpoint(path, cache_dir=cache_dir)
         overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
         config = detect_config(contents.names, variant, source=path, **overrides)
+        if release is not None and config.name != release_variant(release):
+            raise VariantError(f"release {release} holds a {config.name} checkpoint, not "
+                               f"{release_variant(release)}; refused")
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):
