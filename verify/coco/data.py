@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -58,7 +59,8 @@ def load_annotations(path: str | os.PathLike[str]) -> COCO:
     if not path.is_file():
         raise AnnotationsError(f"annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationsError(f"cannot read annotation file {path}: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -99,9 +101,20 @@ def load_annotations(path: str | os.PathLike[str]) -> COCO:
                  f"annotations[{index}] area must be a number and iscrowd 0 or 1")
     coco = COCO()
     coco.dataset = data
+    coco.source_sha256 = hashlib.sha256(raw).hexdigest()
     with pycocotools_quiet():
         coco.createIndex()
     return coco
+
+
+def run_key(coco: COCO, image_ids: list[int]) -> dict[str, str]:
+    """What partial results are only valid for: the annotations (sha256 of the file, or of
+    the dataset for an in-memory ``COCO``) and the images run over (ids and file names)."""
+    annotations = getattr(coco, "source_sha256", None) or hashlib.sha256(
+        json.dumps(coco.dataset, sort_keys=True).encode("utf-8")).hexdigest()
+    images = hashlib.sha256("".join(
+        f"{i}\t{coco.imgs[i]['file_name']}\n" for i in image_ids).encode("utf-8")).hexdigest()
+    return {"annotations_sha256": annotations, "images_sha256": images}
 
 
 def as_coco(annotations: str | os.PathLike[str] | COCO) -> COCO:
