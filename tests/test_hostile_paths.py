@@ -18,7 +18,7 @@ from converter.errors import InputError
 from converter.formats.keras_h5 import read_h5
 from converter.readers import read_checkpoint
 from helpers import synth_checkpoint
-from hostile_helpers import assert_refused, invoke, leftovers
+from hostile_helpers import assert_refused, invoke
 from model.temp_files import sweep_stale, temp_dir
 
 D0 = "efficientdet-d0"
