@@ -92,4 +92,4 @@ def test_two_runs_sharing_results_do_not_corrupt_each_other(dataset):
     assert len(outcome) == 1 and outcome[0].num_detections == sum(
         len(rows) for rows in plan_detections().values())
     assert coco_lib.evaluate(dataset.annotations, results_path)["AP"] == pytest.approx(1.0)
-    assert not results_path.with_name("r.json.lock").exists()
+    assert not list(dataset.root.glob("*.lock"))

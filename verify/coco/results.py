@@ -89,18 +89,18 @@ def is_result_rows(rows: object) -> bool:
 
 
 @contextlib.contextmanager
-def results_lock(results_path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold ``<results>.lock`` for the block, so two runs never write one results file (and its
-    partial file) at once.
+def results_lock(partial_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``<partial>.lock`` for the block, so two runs never write one partial results file
+    (and the results made from it) at once.
 
     Raises:
         ResumeError: another run holds it.
     """
-    results_path = Path(results_path)
-    lock = results_path.with_name(results_path.name + ".lock")
+    partial_path = Path(partial_path)
+    lock = partial_path.with_name(partial_path.name + ".lock")
     try:
         with file_lock(lock, wait=False):
             yield
     except LockBusy:
-        raise ResumeError(f"another run is writing {results_path} (it holds {lock}); wait for "
+        raise ResumeError(f"another run is writing {partial_path} (it holds {lock}); wait for "
                           "it or choose another --results") from None
