@@ -93,3 +93,16 @@ def test_two_runs_sharing_results_do_not_corrupt_each_other(dataset):
         len(rows) for rows in plan_detections().values())
     assert coco_lib.evaluate(dataset.annotations, results_path)["AP"] == pytest.approx(1.0)
     assert not list(dataset.root.glob("*.lock"))
+
+
+@pytest.mark.parametrize("results", ["/proc/self/r.json", "x" * 300 + ".json"])
+def test_cli_checks_the_results_destination_first(dataset, results):
+    from hostile_helpers import assert_refused, invoke
+    from verify.cli import main
+
+    weights = dataset.root / "w.pth"
+    weights.write_bytes(b"not loaded: the destination is refused first")
+    target = results if results.startswith("/") else dataset.root / results
+    result = invoke(main, "coco", "--weights", weights, "--images", dataset.images,
+                    "--annotations", dataset.annotations, "--results", target)
+    assert_refused(result, 3)

@@ -189,3 +189,14 @@ def test_sigterm_during_a_download_exits_130_and_leaves_nothing(tmp_path):
     assert stderr.strip().splitlines() == ["Error: interrupted; " + str(out) + " was not written"]
     assert "Traceback" not in stderr and not out.exists()
     assert leftovers(cache) == [] and not list(cache.rglob("*.lock"))
+
+
+def test_sha256_of_a_local_file(tmp_path, d0_bucket):
+    archive, out = d0_bucket / ARCHIVE, tmp_path / "out.pth"
+    result = invoke(convert_main, "--ckpt", archive, "--out", out, "--sha256", "cd" * 32)
+    assert_refused(result, 3, "sha256 mismatch", out=out)
+    result = invoke(convert_main, "--ckpt", d0_bucket, "--out", out, "--sha256", "cd" * 32)
+    assert_refused(result, 3, "single file", out=out)
+    result = invoke(convert_main, "--ckpt", archive, "--out", out, "-q", "--sha256",
+                    _digest(archive), "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
