@@ -33,7 +33,7 @@ ARCHIVE = f"coco2/{D0}.tar.gz"
 
 def _bucket(root: Path, variant: str, served_as: str = ARCHIVE) -> Path:
     folder = root / "src" / variant
-    synth_checkpoint(variant, folder, optimizer=False, prefix_name="model")
+    synth_checkpoint(variant, folder, optimizer=False, prefix_name="model", in_process=True)
     (root / "bucket" / served_as).parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(root / "bucket" / served_as, "w:gz", compresslevel=1) as tar:
         tar.add(folder, arcname=D0)
@@ -171,6 +171,7 @@ def test_two_fetches_of_one_release_do_not_break_each_other(tmp_path, d0_bucket)
     assert leftovers(tmp_path) == [] and not list(tmp_path.rglob("*.lock"))
 
 
+@pytest.mark.slow  # a fresh interpreter (~6 s)
 def test_sigterm_during_a_download_exits_130_and_leaves_nothing(tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out.pth"
     with trickle(100, 0.1) as base:
