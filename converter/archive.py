@@ -147,8 +147,10 @@ def safe_unpack(archive: Path, destination: Path, limits: UnpackLimits = UnpackL
     try:
         with tarfile.open(archive, "r:*") as tar:
             # the members extracted are the ones checked, read from this same open file;
-            # tarfile's 'data' filter re-checks real paths while extracting.
-            tar.extractall(staging, members=_checked_members(tar, archive, limits), filter="data")
+            # tarfile's 'data' filter (PEP 706, where present) re-checks real paths.
+            members = _checked_members(tar, archive, limits)
+            data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(staging, members=members, **data_filter)  # noqa: S202 - checked
         (staging / COMPLETE_MARKER).write_text(archive.name + "\n", encoding="utf-8")
         try:
             os.rename(staging, destination)
