@@ -1,30 +1,36 @@
 """Hidden temporary files and folders that name their owner, and the sweep of stale ones.
 
 Every temporary path the tools create beside an output or in the cache is named
-``.effdet-<pid>-<random>.<label>.tmp``. A run killed by SIGKILL (or a power cut) cannot remove
-its own; a later run removes those whose process is gone, or that are older than
-``STALE_AFTER_S``. Nothing else is ever removed: only names of exactly this pattern.
+``.effdet-<host>-<pid>-<random>.<label>.tmp`` (``<host>``: 8 hex digits of this machine's
+name). A run killed by SIGKILL (or a power cut) cannot remove its own; a later run removes those
+of this machine whose process is gone, and any older than ``STALE_AFTER_S`` (a folder shared
+between machines: another machine's pids say nothing here). Nothing else is ever removed: only
+names of exactly this pattern.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["STALE_AFTER_S", "temp_file", "temp_dir", "sweep_stale"]
+__all__ = ["HOST_TAG", "STALE_AFTER_S", "temp_file", "temp_dir", "sweep_stale"]
 
 #: A temp whose owner's pid is alive (or reused) is still removed after this long.
 STALE_AFTER_S = 24 * 3600
-_PATTERN = re.compile(r"^\.effdet-(\d+)-[a-z0-9_]{8}\.[^/]*\.tmp$")
+#: This machine in temp names.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_PATTERN = re.compile(r"^\.effdet-([0-9a-f]{8})-(\d+)-[a-z0-9_]{8}\.[^/]*\.tmp$")
 _LABEL_MAX = 64  # keeps the temp name under NAME_MAX even for a long final name
 
 
 def _affixes(label: str) -> tuple[str, str]:
     label = re.sub(r"[^\w.-]", "_", label)[:_LABEL_MAX] or "out"
-    return f".effdet-{os.getpid()}-", f".{label}.tmp"
+    return f".effdet-{HOST_TAG}-{os.getpid()}-", f".{label}.tmp"
 
 
 def temp_file(folder: Path, label: str) -> Path:
@@ -56,7 +62,8 @@ def _owner_gone(pid: int) -> bool:
 def sweep_stale(folder: Path) -> list[Path]:
     """Remove the stale temps of this naming pattern in ``folder``; return what was removed.
 
-    Stale: the owning process no longer exists, or the entry is older than ``STALE_AFTER_S``.
+    Stale: made on this machine by a process that no longer exists, or older than
+    ``STALE_AFTER_S``.
     Errors (a folder that cannot be listed, a temp removed concurrently) are ignored.
     """
     removed: list[Path] = []
@@ -71,7 +78,8 @@ def sweep_stale(folder: Path) -> list[Path]:
             continue
         try:
             old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
-            if not (old or _owner_gone(int(match.group(1)))):
+            ours = match.group(1) == HOST_TAG
+            if not (old or (ours and _owner_gone(int(match.group(2))))):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)

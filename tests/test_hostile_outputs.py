@@ -13,6 +13,7 @@ import converter.cli as convert_cli
 from converter.interrupts import sigterm_as_interrupt
 from helpers import synth_checkpoint
 from hostile_helpers import assert_refused, invoke, leftovers
+from model.temp_files import HOST_TAG
 
 pytestmark = [pytest.mark.needs_tf, pytest.mark.usefixtures("single_thread")]
 
@@ -57,7 +58,7 @@ def test_output_appearing_during_the_conversion_is_kept(tmp_path, d0_prefix, mon
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_new_output_follows_the_umask_and_stale_temps_are_swept(tmp_path, d0_prefix, umask,
                                                                 mask):
-    stale = tmp_path / f".effdet-{DEAD_PID}-abcdefgh.out.pth.tmp"
+    stale = tmp_path / f".effdet-{HOST_TAG}-{DEAD_PID}-abcdefgh.out.pth.tmp"
     stale.write_bytes(b"left by a killed run")
     umask(mask)
     out = tmp_path / "out.pth"

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ from converter.formats.keras_h5 import read_h5
 from converter.readers import read_checkpoint
 from helpers import synth_checkpoint
 from hostile_helpers import assert_refused, invoke
-from model.temp_files import sweep_stale, temp_dir
+from model.temp_files import HOST_TAG, STALE_AFTER_S, sweep_stale, temp_dir
 
 D0 = "efficientdet-d0"
 
@@ -138,17 +139,24 @@ def test_sparse_links_and_devices_are_refused(tmp_path, kind):
 
 def test_stale_temps_of_dead_runs_are_swept_and_nothing_else(tmp_path):
     dead_pid = 2 ** 30  # above any pid_max
-    stale = tmp_path / f".effdet-{dead_pid}-abcdefgh.unpack.tmp"
+    stale = tmp_path / f".effdet-{HOST_TAG}-{dead_pid}-abcdefgh.unpack.tmp"
     stale.mkdir()
     (stale / "big").write_bytes(b"x")
-    stale_file = tmp_path / f".effdet-{dead_pid}-abcdefgh.out.pth.tmp"
+    stale_file = tmp_path / f".effdet-{HOST_TAG}-{dead_pid}-abcdefgh.out.pth.tmp"
     stale_file.write_bytes(b"x")
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    old_of_other_host = tmp_path / f".effdet-{other_host}-{dead_pid}-abcdefgh.old.tmp"
+    old_of_other_host.write_bytes(b"x")
+    a_day_ago = time.time() - STALE_AFTER_S - 60
+    os.utime(old_of_other_host, (a_day_ago, a_day_ago))
     live = temp_dir(tmp_path, "unpack")  # this process: alive
-    keep = [tmp_path / ".effdet-notours.tmp", tmp_path / f".effdet-{dead_pid}-short.tmp",
+    keep = [tmp_path / ".effdet-notours.tmp",
+            tmp_path / f".effdet-{HOST_TAG}-{dead_pid}-short.tmp",
+            tmp_path / f".effdet-{other_host}-{dead_pid}-abcdefgh.recent.tmp",  # may be running
             tmp_path / "out.pth"]
     for path in keep:
         path.write_bytes(b"x")
-    assert sorted(sweep_stale(tmp_path)) == sorted([stale, stale_file])
+    assert sorted(sweep_stale(tmp_path)) == sorted([stale, stale_file, old_of_other_host])
     assert live.is_dir() and all(p.exists() for p in keep)
 
 
