@@ -12,13 +12,14 @@ import click
 import numpy as np
 
 from model import EfficientDet
-from model.config import VARIANTS, parse_image_size
+from model.config import parse_image_size
+from model.registry import RELEASES, VARIANTS
 from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destination, save_weights
 
 from .archive import sha256_file
 from .convert import MappingReport, convert_checkpoint
 from .detect import detect_config
-from .download import RELEASES, check_sha256, release_variant, resolve_release
+from .download import check_sha256, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
 from .export import EXPORT_FORMATS, export_model
 from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
@@ -142,13 +143,15 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
                    ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
-                   "lite4) taken from the cache or downloaded.")
+                   "lite4, lite3x, d2-640 ... d6-640, d0-advprop ... d5-advprop) taken from the "
+                   "cache or downloaded; a release name also records its input size and "
+                   "normalisation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
                    "the folder (tf-ckpt) or .pth file (effdet) to write).")
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); by default "
-                   "detected from the checkpoint's names and shapes.")
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); "
+                   "by default detected from the checkpoint's names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
@@ -225,13 +228,18 @@ def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, 
     started = time.perf_counter()
     try:
         check_output(out, force)
-        path, release = resolve_ckpt(ckpt, cache_dir, base_url, quiet, sha256)
+        path, release_name = resolve_ckpt(ckpt, cache_dir, base_url, quiet, sha256)
         contents = read_checkpoint(path, cache_dir=cache_dir)
-        overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
+        # A release name brings its variant and the input size and normalisation it expects;
+        # the checkpoint must hold that variant (a mirror may serve another one).
+        release = RELEASES[release_name] if release_name else None
+        overrides = dict(release.config) if release else {}
+        if image_size is not None:
+            overrides["image_size"] = parse_size(image_size)
         config = detect_config(contents.names, variant, source=path, **overrides)
-        if release is not None and config.name != release_variant(release):
-            raise VariantError(f"release {release} holds a {config.name} checkpoint, not "
-                               f"{release_variant(release)}; refused")
+        if release is not None and config.name != release.variant:
+            raise VariantError(f"release {release_name} holds a {config.name} checkpoint, not "
+                               f"{release.variant}; refused")
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):
@@ -244,7 +252,8 @@ def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, 
                                                     progress=progress)
         lines = summary(report, config, contents.source, contents.format,
                         time.perf_counter() - started)
-        metadata_ = {"variant": config.name, "config": config.to_dict(),
+        metadata_ = {"variant": config.name, **({"release": release.name} if release else {}),
+                     "config": config.to_dict(),
                      "source": {"path": str(contents.source), "format": contents.format,
                                 "sha256": _identity(contents.source),
                                 "ema": report.ema_source,

@@ -1,7 +1,6 @@
 """Checkpoint tensors -> PyTorch state_dict through the mapping table, with a full report."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -9,7 +8,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from mappings import IGNORED_TF, table_for
+from mappings import ignore_reason, table_for
 from mappings.layouts import pt_shape, to_torch
 from mappings.rules import EMA_SUFFIX
 from model.config import DetConfig
@@ -26,7 +25,7 @@ class MappingReport:
     missing_pt: list[str] = field(default_factory=list)        # keys the checkpoint lacks
     shape_mismatch: list[tuple[str, tuple, tuple, tuple]] = field(default_factory=list)
     ema_missing: list[str] = field(default_factory=list)       # EMA expected but absent
-    ignored: Counter = field(default_factory=Counter)          # reason -> count
+    ignored: Counter = field(default_factory=Counter)          # reason -> count (IGNORED_TF)
     ema_source: str = "none"         # 'shadows', 'model entries' or 'none' (raw values)
     converted: int = 0
 
@@ -50,13 +49,6 @@ class MappingReport:
         return lines
 
 
-def ignore_reason(name: str) -> str | None:
-    for pattern, reason in IGNORED_TF.items():
-        if re.search(pattern, name):
-            return reason
-    return None
-
-
 def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema: bool = True,
                        progress: Callable[[Iterable], Iterable] = iter
                        ) -> tuple[dict[str, torch.Tensor], MappingReport]:
@@ -75,6 +67,7 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
     elif use_ema and has_shadows:
         report.ema_source = "shadows"
     state_dict: dict[str, torch.Tensor] = {}
+    report.ignored.update(contents.skipped.values())     # what the reader did not expose
     for name in contents.names:
         reason = ignore_reason(name)
         if reason:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from model.config import VARIANTS, DetConfig, get_config
+from model.config import DetConfig, get_config
+from model.registry import VARIANTS
 
 from .errors import InputError, VariantError
 

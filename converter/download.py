@@ -1,11 +1,12 @@
 """Fetch automl's released EfficientDet checkpoints by name, once, into a cache.
 
-Release locations (google/automl ``efficientdet/README.md``): D0-D7x under
-``coco2/`` as ``efficientdet-dN.tar.gz``; Lite0-4 under ``coco/`` as
-``efficientdet-liteN.tgz``; all below
+Release names and archive paths are ``model.registry.RELEASES`` (google/automl
+``efficientdet/README.md`` and ``Det-AdvProp.md``): D0-D7x under ``coco2/``,
+Lite0-4 and Lite3x under ``coco/`` (``.tgz``), fixed-640 D2-D6 under
+``coco640/``, AdvProp D0-D5 under ``advprop/``; all below
 ``https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/``. Each
-archive holds one folder named like the release with a TF1 name-based
-checkpoint (``checkpoint`` state file, ``model.index``, ``model.data-*``).
+archive holds one folder with a TF1 name-based checkpoint (``checkpoint`` state
+file, ``model.index``, ``model.data-*``).
 
 Cache layout (``$EFFDET_CACHE`` or ``~/.cache/effdet-tf-port``), keyed by the
 URL and by the archive's digest, so a copy fetched from one place is never
@@ -45,7 +46,7 @@ from converter.cache import default_cache_dir, make_cache_folder
 from converter.errors import DownloadError, InputError, VariantError
 from converter.locate import find_in_tree
 from converter.locking import file_lock
-from model.config import VARIANTS
+from model import registry
 from model.temp_files import sweep_stale, temp_file
 
 __all__ = [
@@ -55,29 +56,19 @@ __all__ = [
     "RELEASES",
     "check_sha256",
     "release_url",
-    "release_variant",
     "resolve_release",
 ]
 
-DEFAULT_BASE_URL = "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/"
+DEFAULT_BASE_URL = registry.BUCKET_URL
 BASE_URL_ENV = "EFFDET_BASE_URL"
 
-#: Release name -> archive path below the base URL (automl efficientdet/README.md).
-RELEASES: dict[str, str] = {
-    **{f"efficientdet-d{i}": f"coco2/efficientdet-d{i}.tar.gz" for i in range(8)},
-    "efficientdet-d7x": "coco2/efficientdet-d7x.tar.gz",
-    **{f"efficientdet-lite{i}": f"coco/efficientdet-lite{i}.tgz" for i in range(5)},
-}
+#: Release name -> archive path below the base URL (``model.registry.RELEASES``).
+RELEASES: dict[str, str] = {name: release.archive for name, release in registry.RELEASES.items()}
 
-#: Full URL -> expected sha256 of the archive, where a published digest is known.
-#: Source: openvinotoolkit/open_model_zoo models/public/efficientdet-d{0,1}-tf/model.yml
-#: (sizes 28828936 and 48828228 bytes). Others are recorded in download.json only.
-KNOWN_SHA256: dict[str, str] = {
-    DEFAULT_BASE_URL + "coco2/efficientdet-d0.tar.gz":
-        "74794c937aa1fa2f559c2393d22b251b1f7135a49b108bd0414bc4f4800ca15d",
-    DEFAULT_BASE_URL + "coco2/efficientdet-d1.tar.gz":
-        "31d8741da9840ab8bddfaa041d395d84a8c1e4e54db01cf8d277471afad5d6e0",
-}
+#: Full URL -> expected sha256 of the archive, where a published digest is known
+#: (``model.registry.RELEASES``). Others are recorded in download.json only.
+KNOWN_SHA256: dict[str, str] = {DEFAULT_BASE_URL + release.archive: release.sha256
+                                for release in registry.RELEASES.values() if release.sha256}
 
 #: ``progress(bytes_done, bytes_total_or_None)``, called after every chunk.
 Progress = Callable[[int, "int | None"], None]
@@ -101,16 +92,6 @@ def check_sha256(text: str) -> str:
     if not _SHA256_RE.match(text.strip()):
         raise ValueError(f"{text!r} is not a sha256 digest (64 hex digits)")
     return text.strip().lower()
-
-
-def release_variant(name: str) -> str:
-    """The model variant a release holds: the longest variant name that ``name`` is or starts
-    with (``efficientdet-d7x`` -> ``efficientdet-d7x``, ``efficientdet-d0-640`` ->
-    ``efficientdet-d0``)."""
-    matches = [v for v in VARIANTS if name == v or name.startswith(v + "-")]
-    if not matches:
-        raise VariantError(f"release {name!r} names no known variant")
-    return max(matches, key=len)
 
 
 def release_url(name: str, base_url: str | None = None) -> str:
@@ -249,8 +230,9 @@ def resolve_release(
     """Return the local checkpoint of a release, downloading it on first use.
 
     Args:
-        name: ``efficientdet-d0`` .. ``efficientdet-d7``, ``efficientdet-d7x``,
-            ``efficientdet-lite0`` .. ``efficientdet-lite4``.
+        name: a key of ``model.registry.RELEASES`` (``efficientdet-d0`` .. ``d7``, ``d7x``,
+            ``lite0`` .. ``lite4``, ``lite3x``, ``d2-640`` .. ``d6-640``,
+            ``d0-advprop`` .. ``d5-advprop``).
         cache_dir: cache folder; default ``default_cache_dir()``.
         base_url: overrides ``$EFFDET_BASE_URL`` and automl's bucket.
         progress: called as ``progress(bytes_done, bytes_total_or_None)`` whenever

@@ -358,7 +358,9 @@ def test_load_image_converts_grayscale_to_rgb(tmp_path):
 
 def test_official_ap_table_covers_every_released_variant():
     expected = {f"efficientdet-d{i}" for i in range(8)} | {"efficientdet-d7x"} | {
-        f"efficientdet-lite{i}" for i in range(5)}
+        f"efficientdet-lite{i}" for i in range(5)} | {"efficientdet-lite3x"} | {
+        f"efficientdet-d{i}-640" for i in range(2, 7)} | {
+        f"efficientdet-d{i}-advprop" for i in range(6)}
     assert set(coco_lib.OFFICIAL_AP) == expected
     assert coco_lib.OFFICIAL_AP["efficientdet-d0"].ap == 34.3
     assert coco_lib.OFFICIAL_AP["efficientdet-d7x"].ap == 54.4

@@ -89,7 +89,7 @@ def test_release_urls_follow_automl_readme(monkeypatch):
     assert mirrored == "http://mirror/x/coco2/efficientdet-d3.tar.gz"
     monkeypatch.setenv("EFFDET_BASE_URL", "file:///srv/effdet/")
     assert release_url("efficientdet-lite0") == "file:///srv/effdet/coco/efficientdet-lite0.tgz"
-    assert len(RELEASES) == 14
+    assert len(RELEASES) == 26   # 9 coco2 + 6 lite + 5 fixed-640 + 6 AdvProp (test_registry.py)
     assert all(url.startswith(base) and len(digest) == 64 for url, digest in KNOWN_SHA256.items())
 
 
