@@ -143,6 +143,14 @@ def test_cli_rejects_bad_usage_and_foreign_classes(tmp_path, dataset):
     too_few = runner.invoke(main, base + ["--variant", VARIANT, "--num-classes", "2",
                                           "--image-size", "64"])
     assert too_few.exit_code == 3 and "category_id 3 outside 1..2" in too_few.output
+    broken = tmp_path / "broken"
+    make_dataset(broken, 2)
+    (broken / "images" / "1.png").unlink()
+    missing = runner.invoke(main, ["--train-annotations", str(broken / "annotations.json"),
+                                   "--train-images", str(broken / "images"), "--out",
+                                   str(tmp_path / "run"), "--variant", VARIANT, "--image-size",
+                                   "64", "--num-classes", "3"])
+    assert missing.exit_code == 3 and "1.png (id 2) not found" in missing.output
     assert not (tmp_path / "run").exists()
 
 

@@ -10,6 +10,9 @@ from typing import Any, Optional
 
 import click
 
+from converter.interrupts import sigterm_as_interrupt
+from verify.cli_utils import EXIT_INTERRUPTED, package_version
+
 from .config import TrainConfig
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -88,6 +91,7 @@ def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="End this run after that many epochs (re-run to resume).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.version_option(package_version(), "--version", prog_name="train")
 def main(train_annotations: Path, train_images: Path, out: Path, weights: Optional[Path],
          variant: Optional[str], num_classes: Optional[int], image_size: Optional[str],
          val_annotations: Optional[Path], val_images: Optional[Path], batch_size: int,
@@ -126,21 +130,22 @@ def main(train_annotations: Path, train_images: Path, out: Path, weights: Option
     except (TypeError, ValueError) as error:
         raise click.UsageError(str(error)) from None
     try:
-        result = fine_tune(train_annotations, train_images, out, weights=weights, variant=variant,
-                           num_classes=num_classes,
-                           image_size=parse_size(image_size) if image_size else None,
-                           config=config,
-                           val_annotations=val_annotations, val_images=val_images,
-                           device=device, seed=seed, num_workers=workers,
-                           mixed_precision=mixed_precision, log_every=log_every,
-                           stop_after_epochs=stop_after_epochs)
+        with sigterm_as_interrupt():
+            result = fine_tune(train_annotations, train_images, out, weights=weights,
+                               variant=variant, num_classes=num_classes,
+                               image_size=parse_size(image_size) if image_size else None,
+                               config=config,
+                               val_annotations=val_annotations, val_images=val_images,
+                               device=device, seed=seed, num_workers=workers,
+                               mixed_precision=mixed_precision, log_every=log_every,
+                               stop_after_epochs=stop_after_epochs)
     except TrainError as error:
         exception = click.ClickException(" ".join(str(error).split()))
         exception.exit_code = error.exit_code
         raise exception from None
     except KeyboardInterrupt:
         click.echo("interrupted; the last finished epoch is in the checkpoint", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(EXIT_INTERRUPTED) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(str(result.weights))
 

@@ -29,6 +29,7 @@ from verify.coco.data import load_annotations
 from verify.coco.errors import AnnotationsError
 
 from .config import TrainConfig
+from .errors import TrainInputError
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ def read_records(annotations: Path, image_dir: Path, num_classes: int,
         if bad.size:
             raise AnnotationsError(f"{annotations}: category_id {int(bad[0])} outside 1..{num_classes} "
                                    f"(num_classes of the model; set --num-classes)")
-        records.append(ImageRecord(image_dir / info["file_name"], boxes, classes))
+        path = image_dir / info["file_name"]
+        if not path.is_file():
+            raise TrainInputError(f"image {path} (id {image_id}) not found")
+        records.append(ImageRecord(path, boxes, classes))
     if not records:
         raise AnnotationsError(f"{annotations}: no images")
     return records
@@ -112,7 +116,10 @@ class CocoTrainSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        pixels = load_image(record.path)
+        try:
+            pixels = load_image(record.path)
+        except OSError as error:   # includes PIL's UnidentifiedImageError
+            raise TrainInputError(f"cannot read image {record.path}: {error}") from None
         height, width = pixels.shape[:2]
         boxes = record.boxes_yxyx / np.array([height, width, height, width], dtype=np.float32)
         image = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32)
