@@ -14,7 +14,7 @@ from mappings.rules import EMA_SUFFIX
 from model.config import DetConfig
 
 from .contents import CheckpointContents
-from .errors import MappingError, NonFiniteError
+from .errors import InputError, MappingError, NonFiniteError
 
 
 @dataclass
@@ -56,7 +56,8 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
 
     With ``use_ema`` the ``<name>/ExponentialMovingAverage`` shadow is taken wherever the
     checkpoint has shadows (as automl evaluates). Raises MappingError (with the report's lines)
-    on any gap, and NonFiniteError on NaN/Inf in a used tensor.
+    on any gap, NonFiniteError on NaN/Inf in a used tensor, and InputError on a used tensor
+    that is not floating point or has the wrong number of dimensions.
     """
     report = MappingReport()
     table = {entry.tf_name: entry for entry in table_for(config)}
@@ -93,11 +94,17 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
             report.missing_pt.append(entry.pt_name)
             continue
         shape = tuple(contents.names[source])
+        if len(shape) != len(entry.pt_shape):
+            raise InputError(f"tensor {source} of {contents.source} has shape {list(shape)}, "
+                             f"expected {len(entry.pt_shape)} dimensions; malformed checkpoint")
         if pt_shape(shape, entry.layout) != entry.pt_shape:
             report.shape_mismatch.append((entry.pt_name, shape, pt_shape(shape, entry.layout),
                                           entry.pt_shape))
             continue
         array = contents.load(source)
+        if array.dtype.kind != "f":
+            raise InputError(f"tensor {source} of {contents.source} holds {array.dtype} values; "
+                             "weights must be floating point")
         if not np.isfinite(array).all():
             raise NonFiniteError(f"tensor {source} of {contents.source} has NaN or Inf values")
         state_dict[entry.pt_name] = to_torch(array.astype(np.float32, copy=False), entry.layout)

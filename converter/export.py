@@ -28,8 +28,9 @@ automl's default soft-NMS (gaussian) has no ONNX/TorchScript op: export ``raw`` 
 inputs). A graph is made for one input size (``image_size``, default the config's): SAME padding,
 the resampling between levels and the anchors all follow from it (``torch.export`` with free
 height and width did not finish in 10 minutes on lite0), so export one graph per size;
-``dynamic_batch=True`` keeps the batch dimension free. TorchScript is traced (``torch.jit.trace``), because scripting the
-model's Python (dict taps, f-string module names, config dataclasses) is not supported.
+``dynamic_batch=True`` keeps the batch dimension free. TorchScript is traced
+(``torch.jit.trace``): scripting the model's Python (dict taps, f-string module names, config
+dataclasses) is not supported.
 """
 from __future__ import annotations
 
@@ -188,12 +189,14 @@ def export_effdet(model: EfficientDet, path: Path, force: bool = False) -> Path:
 
 
 def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
-                batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw", opset: int = ONNX_OPSET, force: bool = False) -> Path:
+                batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
+                opset: int = ONNX_OPSET, force: bool = False) -> Path:
     """ONNX through ``torch.onnx.export(dynamo=True)``; run it with onnxruntime."""
     _check_target(path, force)
     graph, size = build_graph(model, image_size, outputs)
     dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
-    with torch.no_grad(), atomic_path(path) as tmp_name, warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), \
+            atomic_path(path, overwrite=force) as tmp_name:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph, (_example(size, max(batch_size, 2 if dynamic_batch else 1)),), None,
@@ -214,7 +217,8 @@ def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: 
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
                           "postprocess_raw, or outputs='decoded' and your own NMS")
     graph, size = build_graph(model, image_size, outputs)
-    with torch.no_grad(), atomic_path(path) as tmp_name, warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), \
+            atomic_path(path, overwrite=force) as tmp_name:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (_example(size, batch_size),), check_trace=False)
         torch.jit.save(torch.jit.freeze(traced), tmp_name)
@@ -222,8 +226,9 @@ def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: 
 
 
 def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
-                   batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw", force: bool = False) -> Path:
-    """``torch.export`` ExportedProgram (``.pt2``); load with ``torch.export.load(path).module()``."""
+                   batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
+                   force: bool = False) -> Path:
+    """``torch.export`` ExportedProgram (``.pt2``); run ``torch.export.load(path).module()``."""
     _check_target(path, force)
     if outputs == "nms":
         raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
@@ -234,7 +239,7 @@ def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any 
         program = torch.export.export(
             graph, (_example(size, max(batch_size, 2 if dynamic_batch else 1)),),
             dynamic_shapes=({**dims},) if dims else None)
-    with atomic_path(path) as tmp_name:
+    with atomic_path(path, overwrite=force) as tmp_name:
         torch.export.save(program, tmp_name)
     return Path(path)
 
@@ -264,6 +269,8 @@ def export_model(model: EfficientDet, fmt: str, path: Union[str, Path], **option
         return EXPORT_FORMATS[fmt](model.eval(), path, **options)
     except ConversionError:
         raise
+    except OSError as error:           # model.weights_io.DestinationError and write failures
+        raise OutputError(f"{path}: {error}") from None
     except ImportError as error:
         raise ExportError(f"{fmt} export needs {error.name} (pip install "
                           f"'effdet-tf-port[export]')") from None

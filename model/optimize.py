@@ -35,7 +35,7 @@ Taps = Optional[dict[str, torch.Tensor]]
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Folds ``bn`` (eval statistics) into ``conv`` in place; ``conv`` gains a bias if it had none."""
+    """Folds ``bn`` (eval statistics) into ``conv`` in place (``conv`` gains a bias if needed)."""
     weight = conv.weight.detach().double()
     bias = conv.bias.detach().double() if conv.bias is not None else \
         torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
@@ -59,7 +59,8 @@ def _fold_module(module: nn.Module) -> None:
         pairs = [("conv2d", "tpu_batch_normalization"),
                  ("depthwise_conv2d", "tpu_batch_normalization_1"),
                  ("conv2d_1", "tpu_batch_normalization_2")] if module.has_expand else \
-            [("depthwise_conv2d", "tpu_batch_normalization"), ("conv2d", "tpu_batch_normalization_1")]
+            [("depthwise_conv2d", "tpu_batch_normalization"),
+             ("conv2d", "tpu_batch_normalization_1")]
     elif isinstance(module, OpAfterCombine):
         pairs = [("conv", "bn")]
     elif isinstance(module, ResampleFeatureMap):

@@ -232,7 +232,7 @@ def test_results_for_unknown_images_are_rejected(dataset):
     ("[1, 2, 3]", "top level is not an object"),
     ('{"images": [], "annotations": []}', "no 'categories' list"),
     ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1}], '
-     '"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}', "lacks area, iscrowd"),
+     '"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}', "lacks id, area, iscrowd"),
 ])
 def test_bad_annotation_files_raise_annotations_error(tmp_path, content, message):
     path = tmp_path / "bad.json"
