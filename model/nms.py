@@ -33,6 +33,7 @@ Measured against the references (tests/test_nms.py; 80 random sets of 50..49104 
 """
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -81,11 +82,6 @@ def iou_np(boxes_a: Tensor, boxes_b: Tensor, areas_a: Tensor, areas_b: Tensor) -
 
 def _areas_np(boxes_xyxy: Tensor) -> Tensor:
     return (boxes_xyxy[:, 2] - boxes_xyxy[:, 0] + 1) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1] + 1)
-
-
-def _exp_f32(x: Tensor) -> Tensor:
-    """float32 exp rounded from float64 (matches a correctly rounded C ``expf``)."""
-    return torch.exp(x.double()).to(x.dtype)
 
 
 def _check_inputs(boxes: Tensor, scores: Tensor, groups: Tensor | None) -> None:
@@ -150,100 +146,144 @@ def batched_non_max_suppression_v5(
     Returns:
         ``(indices [G, K] int64, scores [G, K], valid [G] int64)`` with ``K = max_output_size``,
         rows in selection order; past ``valid`` the indices are 0 and the scores 0 (TF's
-        ``pad_to_max_output_size`` padding). Scores are the decayed ones (non-increasing).
+        ``pad_to_max_output_size`` padding). Scores are the decayed ones (non-increasing). The
+        greedy loop runs on the host (float32); the results are on the inputs' device.
     """
     _check_inputs(boxes, scores, groups)
-    groups = groups.long()
     if max_output_size < 0:
         raise ValueError(f"max_output_size must be >= 0, got {max_output_size}")
-    device, dtype = scores.device, scores.dtype
-    n = scores.numel()
-    # Thresholds are compared in float32, as TF's kernel holds them.
-    threshold = torch.tensor(score_threshold, dtype=dtype, device=device)
-    iou_limit = torch.tensor(iou_threshold, dtype=dtype, device=device)
-    soft = soft_nms_sigma > 0
-    # TF: scale = -0.5 / soft_nms_sigma in the scores' dtype; weight = exp(scale * iou * iou).
-    scale = 0.0
-    if soft:
-        scale = (torch.tensor(-0.5, dtype=dtype) / torch.tensor(soft_nms_sigma, dtype=dtype)).item()
-
-    picks = torch.zeros((num_groups, max_output_size), dtype=torch.int64, device=device)
-    picked_scores = scores.new_zeros((num_groups, max_output_size))
-    valid = torch.zeros(num_groups, dtype=torch.int64, device=device)
-    # Candidates sorted by score (ties: lower index first), then a sentinel row (zero box, never
-    # alive) that absorbs the updates of groups without a pick.
-    candidates = torch.nonzero(scores > threshold).squeeze(1)
-    candidates = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
-    num = candidates.numel()
-    if num == 0 or max_output_size == 0:
-        return picks, picked_scores, valid
-    index = torch.cat([candidates, candidates.new_full((1,), n)])
-    box = torch.cat([boxes[candidates], boxes.new_zeros(1, 4)])
-    group = torch.cat([groups[candidates], groups.new_zeros(1)])
-    initial = scores[candidates]
-    current = torch.cat([initial, scores.new_zeros(1)])
-    alive = torch.ones(num + 1, dtype=torch.bool, device=device)
-    alive[num] = False
-    geometry = box_geometry(box)
-
-    def suppress(lo: int, hi: int, pick: Tensor) -> None:
-        """Apply the selection ``pick`` ([G] rows) to the sorted rows ``lo:hi``."""
-        rows = slice(lo, hi)
-        picked = [part[pick] for part in geometry]
-        if num_groups > 1:      # one group: its pick broadcasts over the rows
-            picked = [part[group[rows]] for part in picked]
-        iou = _iou_geometry(*(part[rows] for part in geometry), *picked)
-        if soft:
-            decayed = current[rows] * _exp_f32(scale * iou * iou)
-            current[rows] = torch.where(alive[rows], decayed, current[rows])
-            alive[rows] &= current[rows] > threshold
-        else:
-            alive[rows] &= ~(iou > iou_limit)
-
-    # Only the best `width` candidates are searched. A group's winner there is its winner overall
-    # when it beats every undecayed score left outside; otherwise the window grows and the new
-    # rows catch up on the selections made so far, in the same order (so results are identical).
-    width = min(num, _NMS_WINDOW)
-    history: list[Tensor] = []
-    outside_best = _outside_best(initial, group, width, num_groups)
-    step = 0
-    while step < max_output_size:
-        pick = _group_argbest(current[:width], alive[:width], group[:width], num_groups,
-                              index[:width])
-        pick = torch.where(pick == width, num, pick)
-        best = torch.where(pick < num, current[pick], torch.full_like(current[pick], -math.inf))
-        if width < num and bool(((best <= outside_best) & (outside_best > -math.inf)).any()):
-            new_width = min(num, 4 * width)
-            for past in history:
-                suppress(width, new_width, past)
-            width = new_width
-            outside_best = _outside_best(initial, group, width, num_groups)
-            continue
-        if not bool((pick < num).any()):
-            break
-        picks[:, step] = index[pick]
-        picked_scores[:, step] = current[pick]
-        valid += (pick < num).long()
-        alive[pick] = False
-        alive[num] = False
-        suppress(0, width, pick)
-        history.append(pick)
-        step += 1
-    # TF pads with index 0 / score 0; rows of a group past its last pick are padding.
-    padding = torch.arange(max_output_size, device=device)[None, :] >= valid[:, None]
-    picks = picks.masked_fill(padding, 0)
-    picked_scores = picked_scores.masked_fill(padding, 0.0)
-    return picks, picked_scores, valid
+    boxes_np = boxes.detach().cpu().float().numpy()
+    scores_np = scores.detach().cpu().float().numpy()
+    groups_np = groups.detach().cpu().long().numpy()
+    picks = np.zeros((num_groups, max_output_size), dtype=np.int64)
+    picked_scores = np.zeros((num_groups, max_output_size), dtype=np.float32)
+    valid = np.zeros(num_groups, dtype=np.int64)
+    kernel = _SuppressionV5(iou_threshold, score_threshold, soft_nms_sigma)
+    # Only scores > score_threshold are candidates; a group's rows keep their order (tie rule).
+    candidates = np.flatnonzero(scores_np > kernel.score_threshold)
+    candidates = candidates[np.argsort(groups_np[candidates], kind="stable")]
+    starts = np.flatnonzero(np.diff(groups_np[candidates])) + 1
+    for rows in np.split(candidates, starts) if candidates.size and max_output_size else ():
+        group = groups_np[rows[0]]
+        kept, kept_scores = kernel.select(boxes_np[rows], scores_np[rows], max_output_size)
+        valid[group] = len(kept)
+        picks[group, :len(kept)] = rows[kept]
+        picked_scores[group, :len(kept)] = kept_scores
+    device = scores.device
+    return (torch.from_numpy(picks).to(device),
+            torch.from_numpy(picked_scores).to(device=device, dtype=scores.dtype),
+            torch.from_numpy(valid).to(device))
 
 
-# Initial search window of batched_non_max_suppression_v5 (grows x4 when too small).
-_NMS_WINDOW = 2048
+class _SuppressionV5:
+    """TF's NonMaxSuppressionV5 greedy loop on one set of boxes, as lazy as TF's kernel.
+
+    Candidates leave a priority queue best first (score descending, ties to the lower position).
+    A popped candidate is compared only with the boxes selected since it was last popped, newest
+    first: hard NMS drops it at IoU ``> iou_threshold``; soft-NMS multiplies its score by each
+    weight ``exp(scale * iou * iou)`` (float32, the ``exp`` rounded from float64 like C's ``expf``)
+    and drops it at ``<= score_threshold``. An unchanged score is selected, a decayed one re-queued.
+    So only the candidates near the top of the queue are ever touched.
+    """
+
+    def __init__(self, iou_threshold: float, score_threshold: float, soft_nms_sigma: float) -> None:
+        # float32 throughout, as the kernel holds its attributes; scale = -0.5 / sigma.
+        self.iou_threshold = np.float32(iou_threshold)
+        self.score_threshold = np.float32(score_threshold)
+        self.soft = soft_nms_sigma > 0
+        self.scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if self.soft else None
+
+    def select(self, boxes: np.ndarray, scores: np.ndarray,
+               max_output_size: int) -> tuple[list[int], list[np.float32]]:
+        """Positions and final scores of the selected boxes, in selection order.
+
+        ``boxes [n, 4]`` / ``scores [n]`` float32, every score ``> score_threshold``.
+        """
+        lo = np.minimum(boxes[:, :2], boxes[:, 2:])
+        hi = np.maximum(boxes[:, :2], boxes[:, 2:])
+        area = (hi[:, 0] - lo[:, 0]) * (hi[:, 1] - lo[:, 1])
+        picked_lo = np.empty((max_output_size, 2), dtype=np.float32)
+        picked_hi = np.empty((max_output_size, 2), dtype=np.float32)
+        picked_area = np.empty(max_output_size, dtype=np.float32)
+        kept: list[int] = []
+        kept_scores: list[np.float32] = []
+        fresh = _QueueOrder(scores)
+        requeued: list[tuple[float, int, int]] = []        # heap of (-score, position, compared)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            while len(kept) < max_output_size:
+                position = fresh.peek()
+                if requeued and (position < 0 or (-requeued[0][0], -requeued[0][1])
+                                 > (float(scores[position]), -position)):
+                    negated, position, compared = heapq.heappop(requeued)
+                    score = np.float32(-negated)
+                elif position >= 0:
+                    fresh.pop()
+                    score, compared = scores[position], 0
+                else:
+                    break
+                count = len(kept)
+                decayed = score
+                if compared < count and area[position] > 0:     # else every IoU is 0
+                    extent = np.maximum(
+                        np.minimum(hi[position], picked_hi[compared:count])
+                        - np.maximum(lo[position], picked_lo[compared:count]), np.float32(0))
+                    intersection = extent[:, 0] * extent[:, 1]
+                    iou = intersection / (area[position] + picked_area[compared:count]
+                                          - intersection)
+                    if not self.soft:
+                        if (iou > self.iou_threshold).any():
+                            continue
+                    elif iou.any():
+                        weights = np.exp((self.scale * iou * iou)[::-1].astype(np.float64))
+                        factors = np.concatenate(([score], weights.astype(np.float32)))
+                        decayed = np.multiply.accumulate(factors)[-1]
+                if decayed == score:
+                    picked_lo[count], picked_hi[count] = lo[position], hi[position]
+                    picked_area[count] = area[position]
+                    kept.append(position)
+                    kept_scores.append(decayed)
+                elif decayed > self.score_threshold:
+                    heapq.heappush(requeued, (-float(decayed), position, count))
+        return kept, kept_scores
 
 
-def _outside_best(initial: Tensor, group: Tensor, width: int, num_groups: int) -> Tensor:
-    """Per group, the best (undecayed) score among sorted candidates ``width:`` (-inf if none)."""
-    best = torch.full((num_groups,), -math.inf, dtype=initial.dtype, device=initial.device)
-    return best.scatter_reduce(0, group[width:initial.numel()], initial[width:], "amax")
+# First chunk of candidates _QueueOrder sorts (doubles with every further chunk).
+_QUEUE_CHUNK = 512
+
+
+class _QueueOrder:
+    """Positions of ``scores`` in TF's queue order (score descending, ties to the lower position),
+    sorted a chunk of the best remaining scores at a time."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self._scores = scores
+        self._rest = np.arange(scores.size)
+        self._chunk = _QUEUE_CHUNK
+        self._order: list[int] = []
+        self._next = 0
+
+    def peek(self) -> int:
+        """The next position, -1 when none is left."""
+        if self._next == len(self._order):
+            if not self._rest.size:
+                return -1
+            self._sort_next_chunk()
+        return self._order[self._next]
+
+    def pop(self) -> None:
+        self._next += 1
+
+    def _sort_next_chunk(self) -> None:
+        values = self._scores[self._rest]
+        take = np.ones(values.size, dtype=bool)
+        if values.size > self._chunk:
+            cut = values.size - self._chunk
+            take = values >= np.partition(values, cut)[cut]    # every tie of the cut value
+        chunk = self._rest[take]
+        self._order = chunk[np.lexsort((chunk, -self._scores[chunk]))].tolist()
+        self._next = 0
+        self._rest = self._rest[~take]
+        self._chunk *= 2
 
 
 def non_max_suppression_v5(
