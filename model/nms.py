@@ -1,4 +1,4 @@
-"""The two NMS flavours automl's post-processing uses, as vectorised PyTorch.
+"""The two NMS flavours automl's post-processing uses.
 
 * :func:`non_max_suppression_v5` / :func:`batched_non_max_suppression_v5`: TensorFlow's
   ``tf.raw_ops.NonMaxSuppressionV5`` (the ``global`` and ``per_class`` paths). Boxes in any corner order
@@ -12,19 +12,18 @@
   ``linear`` (``1 - iou`` above ``iou_thresh``), ``hard`` and ``diou``; soft methods keep a box while its
   score is ``>= score_thresh`` and emulate numpy's row swapping so ties resolve as numpy's do.
 
-All functions run the greedy loop for many independent groups at once (one group per class and/or
-image): each step selects one box per group, so per-class NMS costs as many steps as the largest
-group selects, not the sum over classes. Arithmetic is float32 in the reference's operation order.
+The nms_np functions run the greedy loop for many independent groups at once (vectorised PyTorch,
+one group per class and/or image); the V5 functions loop over the groups. Arithmetic is float32 in
+the reference's operation order.
 
 Measured against the references (tests/test_nms.py; 80 random sets of 50..49104 boxes for TF,
 41k kept boxes for automl's nms_np):
 
-* TF: identical selections (indices and order) for soft and hard NMS. TF re-scores lazily (a
-  candidate multiplies the weights of the boxes selected since it was last popped, newest first);
-  this module multiplies them eagerly in selection order, so a product of several weights can
-  differ in the last bits: ~35% of soft-NMS scores differ by 1..6 ulp (<= 7.2e-7 relative). Hard-NMS
-  output is bit-identical. The weight's ``exp`` is rounded from float64, which is what TF's C ``expf``
-  returns (a lazy float32 re-implementation with this ``exp`` is bit-identical to TF).
+* TF: bit-identical indices, order and scores for soft and hard NMS (tests/test_nms.py compares
+  with ``tf.raw_ops.NonMaxSuppressionV5`` on random, tied and saturated inputs). The greedy loop is
+  TF's own lazy one (:class:`_SuppressionV5`: a candidate applies the decays of the boxes selected
+  since it was last popped, newest first), run on the host, and the weight's ``exp`` is the C
+  library's ``expf`` that TF calls.
 * nms_np: bit-identical indices, order and scores for all four methods, including exact score ties,
   because the two numpy primitives that define automl's results are evaluated by numpy itself:
   the float32 ``np.exp`` of the gaussian weight (numpy's SIMD exp, up to 2 ulp from correctly
@@ -33,6 +32,8 @@ Measured against the references (tests/test_nms.py; 80 random sets of 50..49104 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import heapq
 import math
 
@@ -179,11 +180,14 @@ class _SuppressionV5:
     """TF's NonMaxSuppressionV5 greedy loop on one set of boxes, as lazy as TF's kernel.
 
     Candidates leave a priority queue best first (score descending, ties to the lower position).
-    A popped candidate is compared only with the boxes selected since it was last popped, newest
+    A popped candidate takes only the decays of the boxes selected since it was last popped, newest
     first: hard NMS drops it at IoU ``> iou_threshold``; soft-NMS multiplies its score by each
     weight ``exp(scale * iou * iou)`` (float32, the ``exp`` rounded from float64 like C's ``expf``)
     and drops it at ``<= score_threshold``. An unchanged score is selected, a decayed one re-queued.
-    So only the candidates near the top of the queue are ever touched.
+
+    Only the best candidates are ever popped, so they are sorted a chunk at a time (the window).
+    Each selection computes its weights for the whole window at once and files the ones that are
+    not exactly 1 (or the hard-NMS verdict) with their candidates until these are popped.
     """
 
     def __init__(self, iou_threshold: float, score_threshold: float, soft_nms_sigma: float) -> None:
@@ -191,7 +195,7 @@ class _SuppressionV5:
         self.iou_threshold = np.float32(iou_threshold)
         self.score_threshold = np.float32(score_threshold)
         self.soft = soft_nms_sigma > 0
-        self.scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if self.soft else None
+        self.scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if self.soft else np.float32(0)
 
     def select(self, boxes: np.ndarray, scores: np.ndarray,
                max_output_size: int) -> tuple[list[int], list[np.float32]]:
@@ -199,91 +203,151 @@ class _SuppressionV5:
 
         ``boxes [n, 4]`` / ``scores [n]`` float32, every score ``> score_threshold``.
         """
-        lo = np.minimum(boxes[:, :2], boxes[:, 2:])
-        hi = np.maximum(boxes[:, :2], boxes[:, 2:])
-        area = (hi[:, 0] - lo[:, 0]) * (hi[:, 1] - lo[:, 1])
-        picked_lo = np.empty((max_output_size, 2), dtype=np.float32)
-        picked_hi = np.empty((max_output_size, 2), dtype=np.float32)
-        picked_area = np.empty(max_output_size, dtype=np.float32)
+        window = _Window(self, boxes, scores)
         kept: list[int] = []
         kept_scores: list[np.float32] = []
-        fresh = _QueueOrder(scores)
-        requeued: list[tuple[float, int, int]] = []        # heap of (-score, position, compared)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            while len(kept) < max_output_size:
-                position = fresh.peek()
-                if requeued and (position < 0 or (-requeued[0][0], -requeued[0][1])
-                                 > (float(scores[position]), -position)):
-                    negated, position, compared = heapq.heappop(requeued)
-                    score = np.float32(-negated)
-                elif position >= 0:
-                    fresh.pop()
-                    score, compared = scores[position], 0
-                else:
-                    break
-                count = len(kept)
-                decayed = score
-                if compared < count and area[position] > 0:     # else every IoU is 0
-                    extent = np.maximum(
-                        np.minimum(hi[position], picked_hi[compared:count])
-                        - np.maximum(lo[position], picked_lo[compared:count]), np.float32(0))
-                    intersection = extent[:, 0] * extent[:, 1]
-                    iou = intersection / (area[position] + picked_area[compared:count]
-                                          - intersection)
-                    if not self.soft:
-                        if (iou > self.iou_threshold).any():
-                            continue
-                    elif iou.any():
-                        weights = np.exp((self.scale * iou * iou)[::-1].astype(np.float64))
-                        factors = np.concatenate(([score], weights.astype(np.float32)))
-                        decayed = np.multiply.accumulate(factors)[-1]
-                if decayed == score:
-                    picked_lo[count], picked_hi[count] = lo[position], hi[position]
-                    picked_area[count] = area[position]
-                    kept.append(position)
-                    kept_scores.append(decayed)
-                elif decayed > self.score_threshold:
-                    heapq.heappush(requeued, (-float(decayed), position, count))
+        requeued: list[tuple[float, int, int]] = []        # heap of (-score, position, slot)
+        fresh = 0                                          # next never-popped slot
+        while len(kept) < max_output_size:
+            if fresh == window.size and not window.extend():
+                fresh = -1
+            if requeued and (fresh < 0 or (-requeued[0][0], -requeued[0][1])
+                             > (window.scores[fresh], -window.positions[fresh])):
+                negated, _, slot = heapq.heappop(requeued)
+                score = np.float32(-negated)
+            elif fresh >= 0:
+                slot, score = fresh, np.float32(window.scores[fresh])
+                fresh += 1
+            else:
+                break
+            weights = window.pending[slot]
+            if weights is None:                            # hard NMS: suppressed
+                continue
+            decayed = score
+            for weight in reversed(weights):               # newest selection first
+                decayed = decayed * weight                 # float32 product
+            weights.clear()
+            if decayed == score:
+                kept.append(window.positions[slot])
+                kept_scores.append(decayed)
+                window.record_selection(slot)
+            elif decayed > self.score_threshold:
+                heapq.heappush(requeued, (-float(decayed), window.positions[slot], slot))
         return kept, kept_scores
 
+    def weights(self, lo: np.ndarray, hi: np.ndarray, area: np.ndarray, picked: int,
+                rows: np.ndarray) -> np.ndarray:
+        """float32 suppression weights of the selected row ``picked`` on ``rows`` (IoU as TF's
+        kernel: corners re-ordered, no +1, 0 when either area is 0); hard NMS: 0 or 1."""
+        extent = np.maximum(np.minimum(hi[rows], hi[picked]) - np.maximum(lo[rows], lo[picked]),
+                            np.float32(0))
+        intersection = extent[:, 0] * extent[:, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = intersection / (area[rows] + area[picked] - intersection)
+        iou[(area[rows] <= 0) | (area[picked] <= 0)] = 0
+        if not self.soft:
+            return (iou <= self.iou_threshold).astype(np.float32)
+        return _expf(self.scale * iou * iou)
 
-# First chunk of candidates _QueueOrder sorts (doubles with every further chunk).
-_QUEUE_CHUNK = 512
+
+def _load_libm() -> ctypes.CDLL:
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    libm.expf.restype = ctypes.c_float
+    libm.expf.argtypes = [ctypes.c_float]
+    return libm
 
 
-class _QueueOrder:
-    """Positions of ``scores`` in TF's queue order (score descending, ties to the lower position),
-    sorted a chunk of the best remaining scores at a time."""
+# The C library TF's kernel takes ``expf`` from (Eigen::numext::exp<float> is std::exp).
+_LIBM = _load_libm()
 
-    def __init__(self, scores: np.ndarray) -> None:
-        self._scores = scores
+
+def _expf(x: np.ndarray) -> np.ndarray:
+    """C ``expf`` of float32 ``x``, as TF's NMS kernel calls it (glibc's is not always correctly
+    rounded: measured 16 of 50,000 arguments differ from the correctly rounded value).
+
+    Vectorised as float64 ``exp`` rounded to float32, which agrees with any ``expf`` accurate to
+    0.502 ulp (glibc's bound) unless the float64 value lies within 0.01 ulp of a float32 rounding
+    midpoint or the result is a power of two; those few arguments are passed to ``expf`` itself.
+    """
+    wide = np.exp(x.astype(np.float64))
+    result = wide.astype(np.float32)
+    offset = (wide - result.astype(np.float64)) / np.spacing(result).astype(np.float64)
+    mantissa = result.view(np.int32) & 0x7FFFFF
+    unsure = ((np.abs(np.abs(offset) - 0.5) < 0.01) | (mantissa == 0)) & (x != 0)
+    result[unsure] = [_LIBM.expf(value) for value in x[unsure].tolist()]
+    return result
+
+
+# First chunk of candidates a _Window sorts (doubles with every further chunk).
+_WINDOW_CHUNK = 1024
+
+
+class _Window:
+    """The best candidates of one NMS call in queue order (score descending, ties to the lower
+    position) with the weights of the selections each has not applied yet."""
+
+    def __init__(self, kernel: _SuppressionV5, boxes: np.ndarray, scores: np.ndarray) -> None:
+        self._kernel = kernel
+        self._all_scores = scores
+        self._lo = np.minimum(boxes[:, :2], boxes[:, 2:])
+        self._hi = np.maximum(boxes[:, :2], boxes[:, 2:])
+        self._area = (self._hi[:, 0] - self._lo[:, 0]) * (self._hi[:, 1] - self._lo[:, 1])
         self._rest = np.arange(scores.size)
-        self._chunk = _QUEUE_CHUNK
-        self._order: list[int] = []
-        self._next = 0
+        self._chunk = _WINDOW_CHUNK
+        self._rows = np.zeros(0, dtype=np.int64)
+        self._open = np.zeros(0, dtype=bool)           # not yet selected or dropped
+        self._selected: list[int] = []
+        self.positions: list[int] = []
+        self.scores: list[float] = []
+        # Per slot: weights != 1 of the selections it has not applied, oldest first (None: hard
+        # NMS suppressed it).
+        self.pending: list[list[float] | None] = []
 
-    def peek(self) -> int:
-        """The next position, -1 when none is left."""
-        if self._next == len(self._order):
-            if not self._rest.size:
-                return -1
-            self._sort_next_chunk()
-        return self._order[self._next]
+    @property
+    def size(self) -> int:
+        return len(self.positions)
 
-    def pop(self) -> None:
-        self._next += 1
-
-    def _sort_next_chunk(self) -> None:
-        values = self._scores[self._rest]
+    def extend(self) -> bool:
+        """Sort the next chunk of candidates into the window; False when none is left."""
+        if not self._rest.size:
+            return False
+        values = self._all_scores[self._rest]
         take = np.ones(values.size, dtype=bool)
         if values.size > self._chunk:
             cut = values.size - self._chunk
             take = values >= np.partition(values, cut)[cut]    # every tie of the cut value
         chunk = self._rest[take]
-        self._order = chunk[np.lexsort((chunk, -self._scores[chunk]))].tolist()
-        self._next = 0
+        chunk = chunk[np.lexsort((chunk, -self._all_scores[chunk]))]
         self._rest = self._rest[~take]
         self._chunk *= 2
+        first = self.size
+        self._rows = np.concatenate([self._rows, chunk])
+        self._open = np.concatenate([self._open, np.ones(chunk.size, dtype=bool)])
+        self.positions += chunk.tolist()
+        self.scores += self._all_scores[chunk].tolist()
+        self.pending += [[] for _ in range(chunk.size)]
+        for picked in self._selected:                   # catch up, in selection order
+            self._file(picked, np.arange(first, self.size))
+        return True
+
+    def record_selection(self, slot: int) -> None:
+        self._open[slot] = False
+        picked = int(self._rows[slot])
+        self._selected.append(picked)
+        self._file(picked, np.flatnonzero(self._open))
+
+    def _file(self, picked: int, slots: np.ndarray) -> None:
+        weights = self._kernel.weights(self._lo, self._hi, self._area, picked, self._rows[slots])
+        touched = weights != 1
+        for slot, weight in zip(slots[touched].tolist(), weights[touched].tolist()):
+            pending = self.pending[slot]
+            if pending is None:
+                continue
+            if weight == 0 and not self._kernel.soft:
+                self.pending[slot] = None
+                self._open[slot] = False
+            else:
+                pending.append(weight)
 
 
 def non_max_suppression_v5(

@@ -1,10 +1,8 @@
 """NMS: TF NonMaxSuppressionV5 and automl's numpy soft-NMS, on hand-made boxes.
 
 Expected values are the TF 2.21 measurements in shared/reference/README.md (4-6 printed digits,
-hence ``atol=5e-5`` where they are quoted) or hand-computed. The TensorFlow cross-check (marked
-``needs_tf``) allows 8 ulp on soft-NMS scores: TF multiplies a candidate's decay weights lazily
-(newest first), this port eagerly, so products of several weights may differ in the last bits
-(measured <= 6 ulp); indices and hard-NMS scores must be identical.
+hence ``atol=5e-5`` where they are quoted) or hand-computed. The TensorFlow cross-checks (marked
+``needs_tf``) require bit-identical indices and scores, soft and hard.
 """
 from __future__ import annotations
 
@@ -256,5 +254,34 @@ def test_matches_tensorflow_non_max_suppression_v5(sigma, iou_threshold, score_t
         indices, out_scores = non_max_suppression_v5(
             torch.from_numpy(boxes), torch.from_numpy(scores), 100, iou_threshold, score_threshold, sigma)
         assert indices.tolist() == expected_idx.numpy().tolist()
-        ulp = 0 if sigma == 0 else 8 * 2.0 ** -23
-        torch.testing.assert_close(out_scores, torch.from_numpy(expected_scores.numpy()), rtol=ulp, atol=0)
+        assert out_scores.numpy().tobytes() == expected_scores.numpy().tobytes()
+
+
+def _tied_and_saturated(rng, n):
+    """Clustered boxes whose scores repeat a few values (many exact ties, some saturated at 1.0),
+    with duplicated and degenerate boxes."""
+    boxes, _ = _clustered(rng, n)
+    boxes[rng.integers(0, n, n // 10)] = boxes[rng.integers(0, n, n // 10)]
+    boxes[rng.integers(0, n, n // 50), 2] = boxes[rng.integers(0, n, n // 50), 0]    # zero height
+    levels = np.array([1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.0625, 0.001], dtype=np.float32)
+    return boxes, levels[rng.integers(0, levels.size, n)]
+
+
+@pytest.mark.needs_tf
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
+    (0.25, 0.5, 0.001), (0.5, 0.5, 0.0), (0.0, 0.5, -math.inf), (0.0, 0.6, 0.3)])
+def test_bit_identical_to_tensorflow_on_random_tied_and_saturated_inputs(
+        seed, sigma, iou_threshold, score_threshold):
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(seed)
+    for make, n, max_output in ((_clustered, 5000, 100), (_tied_and_saturated, 2000, 300)):
+        boxes, scores = make(rng, n)
+        expected_idx, expected_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=boxes, scores=scores, max_output_size=max_output, iou_threshold=iou_threshold,
+            score_threshold=score_threshold, soft_nms_sigma=sigma, pad_to_max_output_size=False)
+        indices, out_scores = non_max_suppression_v5(
+            torch.from_numpy(boxes), torch.from_numpy(scores), max_output, iou_threshold,
+            score_threshold, sigma)
+        assert indices.tolist() == expected_idx.numpy().tolist()
+        assert out_scores.numpy().tobytes() == expected_scores.numpy().tobytes()
