@@ -36,6 +36,7 @@ import ctypes
 import ctypes.util
 import heapq
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -235,16 +236,16 @@ class _SuppressionV5:
                 heapq.heappush(requeued, (-float(decayed), window.positions[slot], slot))
         return kept, kept_scores
 
-    def weights(self, lo: np.ndarray, hi: np.ndarray, area: np.ndarray, picked: int,
-                rows: np.ndarray) -> np.ndarray:
-        """float32 suppression weights of the selected row ``picked`` on ``rows`` (IoU as TF's
-        kernel: corners re-ordered, no +1, 0 when either area is 0); hard NMS: 0 or 1."""
-        extent = np.maximum(np.minimum(hi[rows], hi[picked]) - np.maximum(lo[rows], lo[picked]),
-                            np.float32(0))
-        intersection = extent[:, 0] * extent[:, 1]
+    def weights(self, candidates: _Geometry, picked: _Geometry) -> np.ndarray:
+        """float32 suppression weights of the selected boxes ``picked`` on ``candidates``
+        (broadcast; IoU as TF's kernel: corners re-ordered, no +1, 0 when either area is 0);
+        hard NMS: 1 (kept) or 0 (suppressed)."""
+        extent = np.maximum(np.minimum(candidates.hi, picked.hi)
+                            - np.maximum(candidates.lo, picked.lo), np.float32(0))
+        intersection = extent[..., 0] * extent[..., 1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            iou = intersection / (area[rows] + area[picked] - intersection)
-        iou[(area[rows] <= 0) | (area[picked] <= 0)] = 0
+            iou = intersection / (candidates.area + picked.area - intersection)
+        iou[(candidates.area <= 0) | (picked.area <= 0)] = 0
         if not self.soft:
             return (iou <= self.iou_threshold).astype(np.float32)
         return _expf(self.scale * iou * iou)
@@ -278,8 +279,26 @@ def _expf(x: np.ndarray) -> np.ndarray:
     return result
 
 
-# First chunk of candidates a _Window sorts (doubles with every further chunk).
+class _Geometry(NamedTuple):
+    """Boxes as TF's IoU uses them: ``lo``/``hi`` corners ``[..., 2]`` and ``area [...]``."""
+    lo: np.ndarray
+    hi: np.ndarray
+    area: np.ndarray
+
+    @classmethod
+    def of(cls, boxes: np.ndarray) -> _Geometry:
+        lo = np.minimum(boxes[..., :2], boxes[..., 2:])
+        hi = np.maximum(boxes[..., :2], boxes[..., 2:])
+        return cls(lo, hi, (hi[..., 0] - lo[..., 0]) * (hi[..., 1] - lo[..., 1]))
+
+    def take(self, index: Any) -> _Geometry:
+        return _Geometry(self.lo[index], self.hi[index], self.area[index])
+
+
+# First chunk of candidates a _Window sorts (doubles with every further chunk). Groups of at most
+# _PAIRWISE candidates (e.g. per-class NMS) get all their weights in one matrix instead.
 _WINDOW_CHUNK = 1024
+_PAIRWISE = 256
 
 
 class _Window:
@@ -288,15 +307,14 @@ class _Window:
 
     def __init__(self, kernel: _SuppressionV5, boxes: np.ndarray, scores: np.ndarray) -> None:
         self._kernel = kernel
+        self._boxes = boxes
         self._all_scores = scores
-        self._lo = np.minimum(boxes[:, :2], boxes[:, 2:])
-        self._hi = np.maximum(boxes[:, :2], boxes[:, 2:])
-        self._area = (self._hi[:, 0] - self._lo[:, 0]) * (self._hi[:, 1] - self._lo[:, 1])
         self._rest = np.arange(scores.size)
-        self._chunk = _WINDOW_CHUNK
-        self._rows = np.zeros(0, dtype=np.int64)
+        self._chunk = max(_WINDOW_CHUNK, _PAIRWISE)
+        self._geometry = _Geometry.of(boxes[:0])      # per slot
+        self._pairwise: np.ndarray | None = None       # [slot picked, slot] weights
         self._open = np.zeros(0, dtype=bool)           # not yet selected or dropped
-        self._selected: list[int] = []
+        self._selected: list[int] = []                 # slots
         self.positions: list[int] = []
         self.scores: list[float] = []
         # Per slot: weights != 1 of the selections it has not applied, oldest first (None: hard
@@ -321,33 +339,38 @@ class _Window:
         self._rest = self._rest[~take]
         self._chunk *= 2
         first = self.size
-        self._rows = np.concatenate([self._rows, chunk])
+        added = _Geometry.of(self._boxes[chunk])
+        self._geometry = _Geometry(*(np.concatenate(pair) for pair in zip(self._geometry, added)))
+        if first == 0 and not self._rest.size and chunk.size <= _PAIRWISE:
+            self._pairwise = self._kernel.weights(
+                self._geometry.take(np.newaxis), self._geometry.take((slice(None), np.newaxis)))
         self._open = np.concatenate([self._open, np.ones(chunk.size, dtype=bool)])
         self.positions += chunk.tolist()
         self.scores += self._all_scores[chunk].tolist()
         self.pending += [[] for _ in range(chunk.size)]
         for picked in self._selected:                   # catch up, in selection order
-            self._file(picked, np.arange(first, self.size))
+            self._file(picked, first)
         return True
 
     def record_selection(self, slot: int) -> None:
         self._open[slot] = False
-        picked = int(self._rows[slot])
-        self._selected.append(picked)
-        self._file(picked, np.flatnonzero(self._open))
+        self._selected.append(slot)
+        self._file(slot, 0)
 
-    def _file(self, picked: int, slots: np.ndarray) -> None:
-        weights = self._kernel.weights(self._lo, self._hi, self._area, picked, self._rows[slots])
-        touched = weights != 1
-        for slot, weight in zip(slots[touched].tolist(), weights[touched].tolist()):
-            pending = self.pending[slot]
-            if pending is None:
-                continue
+    def _file(self, picked: int, first: int) -> None:
+        """File the weights of the selected slot ``picked`` with the open slots from ``first``."""
+        if self._pairwise is not None:
+            weights = self._pairwise[picked, first:]
+        else:
+            weights = self._kernel.weights(self._geometry.take(slice(first, None)),
+                                           self._geometry.take(picked))
+        touched = np.flatnonzero((weights != 1) & self._open[first:])
+        for slot, weight in zip((touched + first).tolist(), weights[touched].tolist()):
             if weight == 0 and not self._kernel.soft:
                 self.pending[slot] = None
                 self._open[slot] = False
             else:
-                pending.append(weight)
+                self.pending[slot].append(weight)
 
 
 def non_max_suppression_v5(
