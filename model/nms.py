@@ -210,7 +210,7 @@ class _SuppressionV5:
         requeued: list[tuple[float, int, int]] = []        # heap of (-score, position, slot)
         fresh = 0                                          # next never-popped slot
         while len(kept) < max_output_size:
-            if fresh == window.size and not window.extend():
+            if fresh >= 0 and not window.reach(fresh):
                 fresh = -1
             if requeued and (fresh < 0 or (-requeued[0][0], -requeued[0][1])
                              > (window.scores[fresh], -window.positions[fresh])):
@@ -295,38 +295,57 @@ class _Geometry(NamedTuple):
         return _Geometry(self.lo[index], self.hi[index], self.area[index])
 
 
-# First chunk of candidates a _Window sorts (doubles with every further chunk). Groups of at most
-# _PAIRWISE candidates (e.g. per-class NMS) get all their weights in one matrix instead.
+# Candidates a _Window sorts at a time (the first chunk; doubles with every further chunk) and
+# files at a time (the block). Groups of at most _PAIRWISE candidates (e.g. per-class NMS) get all
+# their weights in one matrix.
 _WINDOW_CHUNK = 1024
+_WINDOW_BLOCK = 256
 _PAIRWISE = 256
 
 
 class _Window:
     """The best candidates of one NMS call in queue order (score descending, ties to the lower
-    position) with the weights of the selections each has not applied yet."""
+    position) with the weights of the selections each has not applied yet.
+
+    Slots below the horizon have their weights filed; the horizon moves a block at a time, ahead
+    of the first pops, so the candidates that are never popped cost nothing.
+    """
 
     def __init__(self, kernel: _SuppressionV5, boxes: np.ndarray, scores: np.ndarray) -> None:
         self._kernel = kernel
         self._boxes = boxes
         self._all_scores = scores
         self._rest = np.arange(scores.size)
-        self._chunk = max(_WINDOW_CHUNK, _PAIRWISE)
+        self._chunk = _WINDOW_CHUNK
         self._geometry = _Geometry.of(boxes[:0])      # per slot
         self._pairwise: np.ndarray | None = None       # [slot picked, slot] weights
         self._open = np.zeros(0, dtype=bool)           # not yet selected or dropped
         self._selected: list[int] = []                 # slots
+        self._horizon = 0
         self.positions: list[int] = []
         self.scores: list[float] = []
         # Per slot: weights != 1 of the selections it has not applied, oldest first (None: hard
         # NMS suppressed it).
         self.pending: list[list[float] | None] = []
 
-    @property
-    def size(self) -> int:
-        return len(self.positions)
+    def reach(self, slot: int) -> bool:
+        """File the weights up to ``slot`` (sorting more candidates if needed); False when there
+        are fewer candidates."""
+        while slot >= self._horizon:
+            if self._horizon == len(self.positions) and not self._sort_next_chunk():
+                return False
+            block = slice(self._horizon, min(len(self.positions), self._horizon + _WINDOW_BLOCK))
+            if self._selected:                          # catch up, in selection order
+                self._file(self._weights(self._selected, block), block.start)
+            self._horizon = block.stop
+        return True
 
-    def extend(self) -> bool:
-        """Sort the next chunk of candidates into the window; False when none is left."""
+    def record_selection(self, slot: int) -> None:
+        self._open[slot] = False
+        self._selected.append(slot)
+        self._file(self._weights([slot], slice(0, self._horizon)), 0)
+
+    def _sort_next_chunk(self) -> bool:
         if not self._rest.size:
             return False
         values = self._all_scores[self._rest]
@@ -338,39 +357,37 @@ class _Window:
         chunk = chunk[np.lexsort((chunk, -self._all_scores[chunk]))]
         self._rest = self._rest[~take]
         self._chunk *= 2
-        first = self.size
         added = _Geometry.of(self._boxes[chunk])
         self._geometry = _Geometry(*(np.concatenate(pair) for pair in zip(self._geometry, added)))
-        if first == 0 and not self._rest.size and chunk.size <= _PAIRWISE:
+        if not self.positions and not self._rest.size and chunk.size <= _PAIRWISE:
             self._pairwise = self._kernel.weights(
                 self._geometry.take(np.newaxis), self._geometry.take((slice(None), np.newaxis)))
         self._open = np.concatenate([self._open, np.ones(chunk.size, dtype=bool)])
         self.positions += chunk.tolist()
         self.scores += self._all_scores[chunk].tolist()
         self.pending += [[] for _ in range(chunk.size)]
-        for picked in self._selected:                   # catch up, in selection order
-            self._file(picked, first)
         return True
 
-    def record_selection(self, slot: int) -> None:
-        self._open[slot] = False
-        self._selected.append(slot)
-        self._file(slot, 0)
-
-    def _file(self, picked: int, first: int) -> None:
-        """File the weights of the selected slot ``picked`` with the open slots from ``first``."""
+    def _weights(self, picked: list[int], slots: slice) -> np.ndarray:
+        """``[len(picked), slots]`` weights of the selected slots ``picked`` on ``slots``."""
         if self._pairwise is not None:
-            weights = self._pairwise[picked, first:]
-        else:
-            weights = self._kernel.weights(self._geometry.take(slice(first, None)),
-                                           self._geometry.take(picked))
-        touched = np.flatnonzero((weights != 1) & self._open[first:])
-        for slot, weight in zip((touched + first).tolist(), weights[touched].tolist()):
+            return self._pairwise[picked, slots]
+        picked_geometry = self._geometry.take((picked, np.newaxis))
+        return self._kernel.weights(self._geometry.take((np.newaxis, slots)), picked_geometry)
+
+    def _file(self, weights: np.ndarray, first: int) -> None:
+        """Append ``weights [selections, slots from first]`` (rows in selection order) to the
+        pending lists of the open slots they change."""
+        rows, slots = np.nonzero((weights != 1) & self._open[first:first + weights.shape[1]])
+        for slot, weight in zip((slots + first).tolist(), weights[rows, slots].tolist()):
+            pending = self.pending[slot]
+            if pending is None:
+                continue
             if weight == 0 and not self._kernel.soft:
                 self.pending[slot] = None
                 self._open[slot] = False
             else:
-                self.pending[slot].append(weight)
+                pending.append(weight)
 
 
 def non_max_suppression_v5(
