@@ -248,7 +248,11 @@ class _SuppressionV5:
         iou[(candidates.area <= 0) | (picked.area <= 0)] = 0
         if not self.soft:
             return (iou <= self.iou_threshold).astype(np.float32)
-        return _expf(self.scale * iou * iou)
+        weights = np.ones_like(iou)
+        overlapping = iou != 0                          # exp(scale * 0 * 0) is exactly 1
+        iou = iou[overlapping]
+        weights[overlapping] = _expf(self.scale * iou * iou)
+        return weights
 
 
 def _load_libm() -> ctypes.CDLL:
@@ -267,16 +271,19 @@ def _expf(x: np.ndarray) -> np.ndarray:
     rounded: measured 16 of 50,000 arguments differ from the correctly rounded value).
 
     Vectorised as float64 ``exp`` rounded to float32, which agrees with any ``expf`` accurate to
-    0.502 ulp (glibc's bound) unless the float64 value lies within 0.01 ulp of a float32 rounding
-    midpoint or the result is a power of two; those few arguments are passed to ``expf`` itself.
+    0.502 ulp (glibc's bound) unless the float64 value lies within 2^-30 (relative, 1/64 ulp or
+    less) of a float32 rounding boundary; those few arguments are passed to ``expf`` itself.
     """
     wide = np.exp(x.astype(np.float64))
-    result = wide.astype(np.float32)
-    offset = (wide - result.astype(np.float64)) / np.spacing(result).astype(np.float64)
-    mantissa = result.view(np.int32) & 0x7FFFFF
-    unsure = ((np.abs(np.abs(offset) - 0.5) < 0.01) | (mantissa == 0)) & (x != 0)
-    result[unsure] = [_LIBM.expf(value) for value in x[unsure].tolist()]
+    result = (wide * (1 + _EXPF_MARGIN)).astype(np.float32)
+    unsure = result != (wide * (1 - _EXPF_MARGIN)).astype(np.float32)
+    if unsure.any():
+        result[unsure] = [_LIBM.expf(value) for value in x[unsure].tolist()]
     return result
+
+
+# Relative distance from a float32 rounding boundary below which _expf asks C's expf.
+_EXPF_MARGIN = 2.0 ** -30
 
 
 class _Geometry(NamedTuple):
