@@ -285,3 +285,17 @@ def test_bit_identical_to_tensorflow_on_random_tied_and_saturated_inputs(
             score_threshold, sigma)
         assert indices.tolist() == expected_idx.numpy().tolist()
         assert out_scores.numpy().tobytes() == expected_scores.numpy().tobytes()
+
+
+def test_expf_is_the_c_librarys():
+    # TF's kernel calls C's expf; the vectorised float64-then-round shortcut must hand every
+    # argument near a float32 rounding boundary to it (glibc differs from correctly rounded there).
+    import ctypes
+    import ctypes.util
+
+    from model.nms import _expf
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    x = -np.random.default_rng(0).uniform(0, 2, 20000).astype(np.float32)
+    expected = np.array([libm.expf(v) for v in x.tolist()], dtype=np.float32)
+    assert _expf(x).tobytes() == expected.tobytes()
