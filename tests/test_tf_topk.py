@@ -181,8 +181,8 @@ def _automl_nms_np():
 
 @pytest.mark.skipif(_automl_nms_np() is None,
                     reason="set EFFDET_AUTOML_DIR to a google/automl checkout for automl's nms_np")
-@pytest.mark.parametrize("seed", [0, 1])
-def test_saturated_scores_keep_automls_rows_on_the_pyfunc_path(seed):
+@pytest.mark.slow
+def test_saturated_scores_keep_automls_rows_on_the_pyfunc_path(seed=1):
     nms_np = _automl_nms_np()
     logits, deltas, anchor_boxes = saturated_heads(seed)
     k = 2000
