@@ -137,16 +137,19 @@ class EfficientDet(nn.Module):
 
         ``postprocess`` is ``'global'`` (automl inference), ``'per_class'`` (automl COCO
         evaluation) or ``'pyfunc'`` (automl's numpy soft-NMS); ``nms_overrides`` change
-        ``nms_configs`` fields (e.g. ``method='hard'``). Returns one batched
-        ``Detections`` with boxes in original-image pixels.
+        ``nms_configs`` fields (e.g. ``method='hard'``; ``max_nms_inputs=N`` sets the pre-NMS
+        top-N on every path, where the eval paths otherwise use automl's 5000). Returns one
+        batched ``Detections`` with boxes in original-image pixels.
         """
-        from .postprocess import Detections, NmsConfig, postprocess as run_postprocess
+        from .postprocess import (MAX_DETECTION_POINTS, Detections, NmsConfig,
+                                  postprocess as run_postprocess)
         from .preprocess import load_image, preprocess_batch
         if isinstance(images, (str, Path)) or \
                 (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
             images = [images]   # one image; a 4-D array or a sequence is a batch
         images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
         nms = NmsConfig.from_dict({**self.config.nms_configs, **nms_overrides})
+        max_nms_inputs = nms_overrides.get("max_nms_inputs", MAX_DETECTION_POINTS)
         device = self.anchors.boxes_yxyx.device
         results = []
         for start in range(0, len(images), batch_size):
@@ -157,7 +160,7 @@ class EfficientDet(nn.Module):
             cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
             results.append(run_postprocess(postprocess, cls_logits, box_deltas,
                                            self.anchors.boxes_yxyx, self.config.image_size,
-                                           scales.to(device), nms))
+                                           scales.to(device), nms, max_nms_inputs))
         if len(results) == 1:
             return results[0]
         return Detections(*(torch.cat([getattr(r, f.name) for r in results])
