@@ -15,7 +15,7 @@ from converter.readers import read_checkpoint
 from model import EfficientDet, tf_compat
 from model.weights_io import save_weights
 from verify.cli import main as verify_main
-from verify.parity import DetectionResult, match_detections, run_parity
+from verify.parity import CUT_ATOL, DetectionResult, match_detections, run_parity
 from verify.reference import DetectionsRef, load_golden
 
 pytestmark = [pytest.mark.needs_tf,
@@ -133,30 +133,59 @@ def test_detection_matching_is_one_to_one():
     ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.]]), np.array([0.9, 0.5]),
                         np.array([1.0, 1.0]))
     same = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes)
-    assert same == DetectionResult("global", 2, 2, 2, 0, 0, 0.0, 0.0, True)
+    assert same == DetectionResult("global", 2, 2, 2, 0, 0, 0, 0.0, 0.0, 0.0, True)
     # One produced row cannot serve two reference rows.
     one = match_detections("global", ref, ref.boxes_yxyx[:1], ref.scores[:1], ref.classes[:1])
     assert (one.matched, one.ok) == (1, False)
     wrong_class = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes + 1)
     assert (wrong_class.matched, wrong_class.ok) == (0, False)
-    # The last row may differ when its score ties with another candidate's at the cut ...
-    swapped = match_detections("global", ref, np.array([[0, 0, 10, 10], [50, 50, 60, 60.]]),
-                               np.array([0.9, 0.5001]), np.array([1.0, 1.0]))
-    assert (swapped.matched, swapped.at_cut, swapped.ok) == (1, 1, True)
-    # Two boxes of one class with near-equal scores: the greedy order may flip, so each comes
-    # out with the other's score -- the same set of scores per class is accepted ...
-    pair = DetectionsRef(np.array([[0, 0, 10, 10], [20, 20, 30, 30.]]), np.array([0.46, 0.45]),
-                         np.array([3.0, 3.0]))
-    flipped = match_detections("pyfunc", pair, pair.boxes_yxyx, pair.scores[::-1].copy(),
-                               pair.classes)
-    assert (flipped.matched, flipped.swapped, flipped.ok) == (0, 2, True)
-    # ... other scores are not.
-    off = match_detections("pyfunc", pair, pair.boxes_yxyx, np.array([0.40, 0.45]), pair.classes)
-    assert (off.matched, off.swapped, off.ok) == (1, 0, False)
-    # ... but not when it is well above the cut.
+
+
+def test_a_row_at_the_cut_may_be_another_candidate_tied_with_it():
+    ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.]]), np.array([0.9, 0.5]),
+                        np.array([1.0, 1.0]))
+    other = np.array([[0, 0, 10, 10], [50, 50, 60, 60.]])
+    tied = match_detections("global", ref, other, np.array([0.9, 0.5001]), np.array([1.0, 2.0]),
+                            max_output_size=2)
+    assert (tied.matched, tied.at_cut, tied.ok) == (1, 1, True)
+    # Fewer rows than max_output_size: nothing was cut, so nothing may be replaced.
+    assert not match_detections("global", ref, other, np.array([0.9, 0.5001]),
+                                np.array([1.0, 2.0])).ok
+    # Both sides must sit at the cut: a substitute scored above it, or a missing row above it ...
+    above = match_detections("global", ref, other, np.array([0.9, 0.5 + 2 * CUT_ATOL]),
+                             np.array([1.0, 2.0]), max_output_size=2)
+    assert (above.at_cut, above.ok) == (0, False)
     higher = DetectionsRef(ref.boxes_yxyx, np.array([0.9, 0.5]), np.array([1.0, 2.0]))
-    missing = match_detections("global", higher, ref.boxes_yxyx, ref.scores, np.array([2.0, 2.0]))
+    missing = match_detections("global", higher, ref.boxes_yxyx, ref.scores, np.array([2.0, 2.0]),
+                               max_output_size=2)
     assert (missing.matched, missing.ok) == (1, False)
+
+
+PAIR = DetectionsRef(np.array([[0, 0, 10, 10], [0, 5, 10, 15.]]), np.array([0.46, 0.45]),
+                     np.array([3.0, 3.0]))
+
+
+def test_overlapping_same_class_boxes_may_exchange_near_equal_scores():
+    # IoU 1/3: the first box decays the second by exp(-2/9) = 0.80, so an order flip by noise
+    # exchanges their scores.
+    flipped = match_detections("pyfunc", PAIR, PAIR.boxes_yxyx, PAIR.scores[::-1].copy(),
+                               PAIR.classes)
+    assert (flipped.matched, flipped.swapped, flipped.ok) == (0, 2, True)
+    # ... other scores are not accepted.
+    off = match_detections("pyfunc", PAIR, PAIR.boxes_yxyx, np.array([0.40, 0.45]), PAIR.classes)
+    assert (off.matched, off.swapped, off.ok) == (1, 0, False)
+
+
+def test_no_swap_between_disjoint_boxes_or_far_apart_scores():
+    disjoint = DetectionsRef(np.array([[0, 0, 10, 10], [20, 20, 30, 30.]]), PAIR.scores,
+                             PAIR.classes)
+    result = match_detections("global", disjoint, disjoint.boxes_yxyx,
+                              disjoint.scores[::-1].copy(), disjoint.classes)
+    assert (result.swapped, result.ok) == (0, False)
+    # Overlapping, but the gap (0.9 vs 0.3) is more than one decay at IoU 1/3 can explain.
+    far = DetectionsRef(PAIR.boxes_yxyx, np.array([0.9, 0.3]), PAIR.classes)
+    result = match_detections("global", far, far.boxes_yxyx, far.scores[::-1].copy(), far.classes)
+    assert (result.swapped, result.ok) == (0, False)
 
 
 def test_detection_matching_is_maximal_not_greedy():
@@ -169,11 +198,16 @@ def test_detection_matching_is_maximal_not_greedy():
     assert (result.matched, result.ok) == (2, True)
 
 
-def test_clipped_boxes_are_judged_on_the_image_scale():
+def test_only_clipped_boxes_are_judged_on_the_image_scale():
     # A box clipped to the border hides its decoded size; its error follows that size.
     ref = DetectionsRef(np.array([[0, 0, 0, 55.76], [5, 5, 20, 20]]), np.array([0.97, 0.5]),
                         np.array([23.0, 23.0]))
     ours = np.array([[0, 0, 0, 56.04], [5, 5, 20, 20]])
     args = ("global", ref, ours, np.array([0.97, 0.5]), np.array([23.0, 23.0]))
     assert not match_detections(*args).ok
-    assert match_detections(*args, image_extent=1024.0).ok
+    accepted = match_detections(*args, clip_hw=(636.0, 1024.0))
+    assert (accepted.ok, accepted.image_floor) == (True, 1)
+    # An unclipped box keeps its own scale: 0.3 px off on a 15-px box fails with the window too.
+    inner = np.array([[0, 0, 0, 55.76], [5.3, 5, 20.3, 20]])
+    assert not match_detections("global", ref, inner, ref.scores, ref.classes,
+                                clip_hw=(636.0, 1024.0)).ok
