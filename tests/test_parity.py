@@ -1,6 +1,8 @@
 """Parity against the automl goldens, and proof that the check catches real mistakes."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -12,10 +14,13 @@ from helpers import REFERENCE_DIR, synth_checkpoint
 from converter.convert import convert_checkpoint
 from converter.detect import detect_config
 from converter.readers import read_checkpoint
-from model import EfficientDet, tf_compat
+from model import EfficientDet, flatten_outputs, tf_compat
+from model import postprocess as postprocess_module
 from model.weights_io import save_weights
 from verify.cli import main as verify_main
-from verify.parity import CUT_ATOL, DetectionResult, match_detections, run_parity
+from verify import parity
+from verify.parity import (CUT_ATOL, DetectionResult, compare_detections, match_detections,
+                           network_input, run_parity)
 from verify.reference import DetectionsRef, load_golden
 
 pytestmark = [pytest.mark.needs_tf,
@@ -211,3 +216,122 @@ def test_only_clipped_boxes_are_judged_on_the_image_scale():
     inner = np.array([[0, 0, 0, 55.76], [5.3, 5, 20.3, 20]])
     assert not match_detections("global", ref, inner, ref.scores, ref.classes,
                                 clip_hw=(636.0, 1024.0)).ok
+
+
+# ------------------------------------------------------- break on purpose, at the detection level
+
+@pytest.fixture(scope="module")
+def d0_heads(d0_contents, golden):
+    """The converted d0, its flattened head outputs on the golden's input and the input scale."""
+    model = build(d0_contents)
+    image, scale, _ = network_input(model, golden)
+    with torch.no_grad():
+        cls_logits, box_deltas = flatten_outputs(*model(image))
+    return model, cls_logits, box_deltas, scale
+
+
+def detection_verdicts(d0_heads, reference) -> dict[str, DetectionResult]:
+    model, cls_logits, box_deltas, scale = d0_heads
+    return {d.path: d for d in compare_detections(model, reference, cls_logits, box_deltas, scale)}
+
+
+def with_detections(golden, change) -> object:
+    """The golden with ``change(path, DetectionsRef) -> DetectionsRef`` applied to every path."""
+    return dataclasses.replace(golden, detections={
+        path: change(path, ref) for path, ref in golden.detections.items()})
+
+
+def test_d0_detections_match_row_for_row(d0_heads, golden):
+    results = detection_verdicts(d0_heads, golden)
+    assert all(d.ok and d.matched == d.expected == 100 for d in results.values())
+    assert all(d.swapped == d.at_cut == d.image_floor == 0 for d in results.values())
+    assert max(d.max_box_err for d in results.values()) < 0.02
+
+
+def test_half_pixel_anchor_offset_fails_every_path(d0_heads, golden):
+    anchors = d0_heads[0].anchors
+    original = anchors.boxes_yxyx
+    anchors.boxes_yxyx = original + 0.5
+    try:
+        results = detection_verdicts(d0_heads, golden)
+    finally:
+        anchors.boxes_yxyx = original
+    assert not any(d.ok for d in results.values()), results
+
+
+def test_garbage_in_place_of_the_lowest_rows_fails(d0_heads, golden):
+    rng = np.random.default_rng(0)
+
+    def garbage(path, ref):
+        boxes, classes = ref.boxes_yxyx.copy(), ref.classes.copy()
+        low = np.argsort(ref.scores, kind="stable")[:10]
+        corner = rng.uniform(0, 500, (len(low), 2))
+        boxes[low] = np.concatenate([corner, corner + rng.uniform(5, 100, (len(low), 2))], 1)
+        classes[low] = rng.integers(1, 91, len(low))
+        return dataclasses.replace(ref, boxes_yxyx=boxes, classes=classes)
+
+    results = detection_verdicts(d0_heads, with_detections(golden, garbage))
+    assert not any(d.ok for d in results.values()), results
+
+
+def test_scores_swapped_between_disjoint_boxes_fail(d0_heads, golden):
+    def swap_disjoint(path, ref):
+        best = None
+        for a in range(len(ref.scores)):
+            for b in range(a + 1, len(ref.scores)):
+                if ref.classes[a] != ref.classes[b] or abs(ref.scores[a] - ref.scores[b]) < 1e-3:
+                    continue
+                (ya, xa, ya2, xa2), (yb, xb, yb2, xb2) = ref.boxes_yxyx[a], ref.boxes_yxyx[b]
+                if min(ya2, yb2) <= max(ya, yb) + 2 or min(xa2, xb2) <= max(xa, xb) + 2:
+                    gap = abs(ref.scores[a] - ref.scores[b])
+                    best = min(best or (gap, a, b), (gap, a, b))
+        assert best is not None, f"{path}: no disjoint same-class pair"
+        scores = ref.scores.copy()
+        _, a, b = best
+        scores[[a, b]] = scores[[b, a]]
+        return dataclasses.replace(ref, scores=scores)
+
+    results = detection_verdicts(d0_heads, with_detections(golden, swap_disjoint))
+    assert not any(d.ok for d in results.values()), results
+    assert all(d.swapped == 0 for d in results.values())
+
+
+def tf_per_class_reference(d0_heads, logit_shift: float) -> DetectionsRef:
+    """TF's own ops (automl's per_class path, top 5000 pairs) on d0's logits + ``logit_shift``."""
+    from test_tf_topk import tf_per_class
+    model, cls_logits, box_deltas, _ = d0_heads
+    boxes, scores, classes = tf_per_class(cls_logits[0].numpy() + logit_shift,
+                                          box_deltas[0].numpy(), model.anchors.boxes_yxyx.numpy(),
+                                          5000)
+    return DetectionsRef(boxes.astype(np.float64), scores, classes.astype(np.float64))
+
+
+def per_class_verdict(d0_heads, reference, logit_shift: float, **options) -> DetectionResult:
+    model, cls_logits, box_deltas, _ = d0_heads
+    dets = postprocess_module.postprocess(
+        "per_class", cls_logits + logit_shift, box_deltas, model.anchors.boxes_yxyx,
+        model.config.image_size, None, **options)
+    return match_detections("per_class", reference, dets.boxes_yxyx[0].numpy(),
+                            dets.scores[0].numpy(), dets.classes[0].numpy())
+
+
+@pytest.mark.slow
+def test_max_nms_inputs_500_fails_where_more_pairs_compete(d0_heads):
+    """On the d0 golden only 290 pairs score above the per_class cut, so 500 and 5000 candidates
+    give the same rows. Raise the logits by 4 (thousands of pairs compete) and take TF's rows."""
+    reference = tf_per_class_reference(d0_heads, 4.0)
+    assert per_class_verdict(d0_heads, reference, 4.0).ok
+    assert not per_class_verdict(d0_heads, reference, 4.0, max_nms_inputs=500).ok
+
+
+@pytest.mark.slow
+def test_saturated_scores_in_another_tie_order_fail(d0_heads, monkeypatch):
+    """Saturate d0's scores (logits + 20: thousands of pairs score exactly 1.0); TF's own ops give
+    the reference rows. The port's TF order matches them; a sorted top-k (ties to the lower flat
+    index, as the port did before) keeps other boxes and must fail."""
+    reference = tf_per_class_reference(d0_heads, 20.0)
+    assert (reference.scores == 1.0).sum() == 100
+    assert per_class_verdict(d0_heads, reference, 20.0).ok
+    monkeypatch.setattr(postprocess_module, "tf_top_k_unsorted",
+                        lambda row, k: np.lexsort((np.arange(row.size), -row))[:k])
+    assert not per_class_verdict(d0_heads, reference, 20.0).ok

@@ -43,7 +43,8 @@ SCORE_ATOL = 2e-3
 CLIP_RTOL = 1e-5
 # The cut (the lowest kept score): a reference row may be missing only when its score and the score
 # of the row produced in its place are both within CUT_ATOL of the cut -- a float32 near-tie
-# decided by noise (seen: d7x per_class row 100, 0.9269 in TF vs 0.9272 here).
+# decided by noise (seen: d7x per_class row 100, 0.9269 in TF vs 0.9272 here). A substitute with
+# exactly the cut score is an exact tie, which TF's candidate order decides: never accepted.
 CUT_ATOL = 5e-4
 
 
@@ -235,7 +236,9 @@ def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: n
     at_cut = 0
     if len(ref.scores) == max_output_size:
         ref_at_cut = [r for r in left_ref if abs(float(ref.scores[r]) - cut) <= CUT_ATOL]
-        out_at_cut = [p for p in left_out if abs(float(scores[p]) - cut) <= CUT_ATOL]
+        # An exact tie is decided by TF's candidate order, which the port reproduces
+        # (model/tf_topk.py): only a substitute whose score differs from the cut is noise.
+        out_at_cut = [p for p in left_out if 0 < abs(float(scores[p]) - cut) <= CUT_ATOL]
         at_cut = min(len(ref_at_cut), len(out_at_cut))
     ok = (len(ref.scores) == len(scores) and len(left_ref) == len(left_out) == at_cut)
     rel = [box_errors[r, p] / max(ref_extent[r], 1e-6) for r, p in pairs]
@@ -281,20 +284,29 @@ def run_parity(model: EfficientDet, reference: Reference, weights: str = "", sou
         actual = taps[ref.name].permute(0, 2, 3, 1).cpu().numpy()
         report.taps.append(compare_tap(ref, actual))
     cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
+    report.detections = compare_detections(model, reference, cls_logits, box_deltas, scale)
+    return report
+
+
+def compare_detections(model: EfficientDet, reference: Reference, cls_logits: torch.Tensor,
+                       box_deltas: torch.Tensor, scale: float) -> list[DetectionResult]:
+    """Post-processes flattened head outputs on every path the reference records and matches
+    the rows (``scale`` = network input -> original image)."""
     nms = NmsConfig.from_dict(model.config.nms_configs)
-    scales = torch.tensor([scale], dtype=torch.float32, device=device)
+    scales = torch.tensor([scale], dtype=torch.float32, device=cls_logits.device)
     # Only the global path clips, to the network input scaled to the original image.
     clip_hw = (model.config.image_size[0] * scale, model.config.image_size[1] * scale)
+    results = []
     for path, ref in reference.detections.items():
         dets = postprocess(path, cls_logits, box_deltas, model.anchors.boxes_yxyx,
                            model.config.image_size, scales, nms)
         valid = int(dets.valid[0])
-        report.detections.append(match_detections(
+        results.append(match_detections(
             path, ref, dets.boxes_yxyx[0, :valid].cpu().numpy(),
             dets.scores[0, :valid].cpu().numpy(), dets.classes[0, :valid].cpu().numpy(),
             clip_hw=clip_hw if path == "global" else None, pixel_scale=scale,
             max_output_size=nms.max_output_size))
-    return report
+    return results
 
 
 def format_table(report: ParityReport) -> list[str]:
