@@ -51,7 +51,8 @@ def golden():
 def test_converted_d0_matches_every_tap_and_detection_path(d0_contents, golden):
     report = run_parity(build(d0_contents), golden)
     assert report.ok, report.first_divergence
-    assert len(report.taps) == 47
+    assert len(report.taps) == 48        # input/image (our preprocessing) + 47 network taps
+    assert report.taps[0].name == "input/image" and report.taps[0].ok
     assert report.worst_rel < 1e-4        # d0 is far inside the tolerance
     assert {d.path for d in report.detections} == {"global", "per_class", "pyfunc"}
     assert all(d.matched == d.expected == 100 for d in report.detections)
@@ -345,3 +346,21 @@ def test_saturated_scores_in_another_tie_order_fail(d0_heads, monkeypatch):
     monkeypatch.setattr(postprocess_module, "tf_top_k_unsorted",
                         lambda row, k: np.lexsort((np.arange(row.size), -row))[:k])
     assert not per_class_verdict(d0_heads, reference, 20.0).ok
+
+
+def test_our_preprocessing_is_compared_with_the_reference_input(d0_heads, golden, monkeypatch):
+    """The network runs on the golden's input, and this project's preprocessing of the golden's
+    image is still checked against it (in live TF mode too): a wrong normalisation fails there."""
+    from model import preprocess
+    model = d0_heads[0]
+    image, scale, check = network_input(model, golden)
+    assert check.name == "input/image" and check.ok and check.rel_max < 1e-5
+    assert torch.equal(image, torch.from_numpy(golden.input.values).permute(0, 3, 1, 2))
+    true_batch = preprocess.preprocess_batch
+
+    def off_by_one_level(images, size, mean, std):
+        return true_batch(images, size, [m + 1.0 for m in mean], std)  # mean off by 1/255
+
+    monkeypatch.setattr(preprocess, "preprocess_batch", off_by_one_level)
+    _, _, broken = network_input(model, golden)
+    assert broken.name == "input/image" and not broken.ok

@@ -53,7 +53,7 @@ def test_verify_all_passes_the_good_golden_and_fails_the_wrong_seed(holdout, tmp
     result = CliRunner().invoke(main, ["--ref", str(holdout), "--work-dir", str(tmp_path / "w")])
     assert result.exit_code == 1, result.output
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
-    assert "47/47" in rows["efficientdet-d0"] and "FAIL" not in rows["efficientdet-d0"]
+    assert "48/48" in rows["efficientdet-d0"] and "FAIL" not in rows["efficientdet-d0"]
     assert "FAIL at backbone/stem" in rows["efficientdet-d0-wrong-seed"]
     assert result.stdout.splitlines()[-1] == "1/2 passed; failed: efficientdet-d0-wrong-seed"
 

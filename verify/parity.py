@@ -26,8 +26,9 @@ from .reference import DetectionsRef, Reference, TapRef
 # for the deepest variants, while every mapping, padding, BN or EMA mistake moves the first
 # affected tap by > 1e-1 of its scale (tests/test_parity.py breaks each on purpose).
 TAP_RTOL = 5e-3
-# The input rebuilt from the JPEG (goldens too large to store it) may differ in the last bit
-# of the resize; the network input is compared on its own scale with the same bound.
+# This project's preprocessing of the reference's image against the reference's input tensor
+# (whole or sampled): TF's and our bilinear resize may differ in the last bit; compared on the
+# input's own scale.
 INPUT_RTOL = 1e-3
 # Detections: a box corner matches within BOX_ATOL_PX + BOX_RTOL * L px (original-image pixels),
 # L the box's own extent (largest side): the deltas go through exp(), so the error scales with the
@@ -249,13 +250,23 @@ def match_detections(path: str, ref: DetectionsRef, boxes: np.ndarray, scores: n
         max((float(score_errors[r, p]) for r, p in pairs), default=0.0), ok)
 
 
-def network_input(model: EfficientDet, reference: Reference) -> tuple[torch.Tensor, float, TapResult | None]:
-    """The golden's stored input, or the input rebuilt from its image (checked on samples)."""
-    if reference.input is not None and reference.input.indices is None:
+def network_input(model: EfficientDet, reference: Reference
+                  ) -> tuple[torch.Tensor, float, TapResult | None]:
+    """The network input to run, its scale to the original image, and the check of this
+    project's preprocessing against the reference's input tensor.
+
+    The reference's input is used whenever it is stored whole (golden or live TF), so the network
+    is judged on exactly TF's input; the project's own preprocessing (``model.preprocess``) of the
+    reference's image is then still compared with it as the ``input/image`` tap. Without a whole
+    stored input the network runs on our preprocessing, checked against the stored samples.
+    """
+    whole = reference.input is not None and reference.input.indices is None
+    if reference.image_file is None:
+        if not whole:
+            raise FileNotFoundError("the golden's input is not stored whole and its image was "
+                                    "not found")
         image = torch.from_numpy(reference.input.values).permute(0, 3, 1, 2).contiguous()
         return image, reference.image_scale_to_original, None
-    if reference.image_file is None:
-        raise FileNotFoundError("the golden's input is not stored whole and its image was not found")
     from model.preprocess import load_image, preprocess_batch
     config = model.config
     batch, scales = preprocess_batch([load_image(reference.image_file)], config.image_size,
@@ -263,6 +274,9 @@ def network_input(model: EfficientDet, reference: Reference) -> tuple[torch.Tens
     check = None
     if reference.input is not None:
         check = compare_tap(reference.input, batch.permute(0, 2, 3, 1).numpy(), INPUT_RTOL)
+    if whole:
+        image = torch.from_numpy(reference.input.values).permute(0, 3, 1, 2).contiguous()
+        return image, reference.image_scale_to_original, check
     return batch, float(scales[0]), check
 
 

@@ -54,9 +54,11 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
 
     Prints one row per tap in graph order (max abs error, error relative to the tap's
     scale, status), the matching of each post-processing path's detections, and the first
-    diverging tap, which names the layer that is wrong. Tolerances are listed in
-    verify/parity.py: taps within 5e-3 of their scale, boxes within 0.05 px + 2e-3 of
-    max(box extent, image side), scores within 2e-3.
+    diverging tap, which names the layer that is wrong; ``input/image`` is this project's
+    preprocessing of the image against the reference's input tensor. Tolerances are listed in
+    verify/parity.py: taps within 5e-3 of their scale; detection boxes within 0.05 px + 2e-3
+    of the box's extent (of the image side for boxes clipped at the border), scores within 2e-3;
+    near-ties accepted only as bounded swaps and cut ties, each counted in the output.
     """
     from model import EfficientDet
     from verify.parity import format_table, plot_errors, run_parity
@@ -84,6 +86,8 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
         with library_errors(LiveTFError):
             reference = tf_reference(automl_dir, tf_ckpt, model.config,
                                      load_image(image) if image else None)
+        if image is not None:
+            reference.image_file = image          # our preprocessing is compared with TF's
         source = f"live TF: {tf_ckpt}"
     if tuple(reference.image_hw) != tuple(model.config.image_size):
         model = EfficientDet.from_pretrained(weights, image_size=tuple(reference.image_hw))
