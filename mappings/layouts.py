@@ -1,4 +1,5 @@
-"""The layout transforms of ``Layout``, TF array -> PyTorch tensor and back (shapes only)."""
+"""The layout transforms of ``Layout``: TF array -> PyTorch tensor, PyTorch tensor -> TF array, and
+the shapes both ways."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +23,23 @@ def to_torch(array: np.ndarray, layout: Layout) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+def to_tf(tensor: torch.Tensor, layout: Layout) -> np.ndarray:
+    """The inverse of ``to_torch``: a C-contiguous float array in TF layout (a copy, so the
+    bytes written are the TF layout's, whatever the tensor's strides)."""
+    array = tensor.detach().cpu().numpy()
     permutation = _PERMUTATIONS.get(layout)
-    return tuple(tf_shape[i] for i in permutation) if permutation else tuple(tf_shape)
+    if permutation is not None:
+        array = np.transpose(array, np.argsort(permutation))
+    return np.array(array, order="C", copy=True)
+
+
+def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    """The PyTorch shape of a TF shape; a shape of another rank than the layout's is returned
+    unchanged (it then cannot match)."""
+    permutation = _PERMUTATIONS.get(layout)
+    if not permutation or len(tf_shape) != len(permutation):
+        return tuple(tf_shape)
+    return tuple(tf_shape[i] for i in permutation)
 
 
 def tf_shape(torch_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:

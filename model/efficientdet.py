@@ -155,7 +155,7 @@ class EfficientDet(nn.Module):
         for start in range(0, len(images), batch_size):
             batch, scales = preprocess_batch(images[start:start + batch_size],
                                              self.config.image_size, self.config.mean_rgb,
-                                             self.config.stddev_rgb)
+                                             self.config.stddev_rgb, self.config.scale_range)
             class_outputs, box_outputs = self(batch.to(device))
             cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
             results.append(run_postprocess(postprocess, cls_logits, box_deltas,

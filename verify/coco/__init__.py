@@ -12,12 +12,15 @@ Independent parts, so that each can be tested without the others:
   image size, post-processing, score threshold) next to automl's published AP
   (:data:`~verify.coco.official.OFFICIAL_AP`).
 * :mod:`~verify.coco.model_loader` (:func:`load_model`): converted weights -> a predictor.
+* :mod:`~verify.coco.distributed` (:class:`RankGroup`): torchrun ranks, image sharding, agreement
+  on failure, gathering on rank 0; :func:`run_inference` takes a ``group``.
 
 Errors in the inputs raise subclasses of :class:`CocoEvalError` (:mod:`~verify.coco.errors`);
 the CLI turns them into one-line messages.
 """
 
 from verify.coco.data import load_annotations, load_image
+from verify.coco.distributed import RankGroup, RanksFailed
 from verify.coco.errors import (
     AnnotationsError,
     CocoEvalError,
@@ -56,6 +59,7 @@ __all__ = [
     "AnnotationsError", "CocoEvalError", "ImageError", "ModelLoadError", "PredictionError",
     "ResultsError", "ResumeError",
     "OFFICIAL_AP", "OfficialAP",
+    "RankGroup", "RanksFailed",
     "load_annotations", "load_image",
     "DetectionsLike", "detections_to_results",
     "PARTIAL_FORMAT", "PARTIAL_SUFFIX", "InferenceResult", "PredictFn", "partial_path_for",
