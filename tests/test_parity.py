@@ -358,8 +358,8 @@ def test_our_preprocessing_is_compared_with_the_reference_input(d0_heads, golden
     assert torch.equal(image, torch.from_numpy(golden.input.values).permute(0, 3, 1, 2))
     true_batch = preprocess.preprocess_batch
 
-    def off_by_one_level(images, size, mean, std):
-        return true_batch(images, size, [m + 1.0 for m in mean], std)  # mean off by 1/255
+    def off_by_one_level(images, size, mean, std, *rest):
+        return true_batch(images, size, [m + 1.0 for m in mean], std, *rest)  # mean off by 1
 
     monkeypatch.setattr(preprocess, "preprocess_batch", off_by_one_level)
     _, _, broken = network_input(model, golden)
