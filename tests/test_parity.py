@@ -139,7 +139,7 @@ def test_detection_matching_is_one_to_one():
     ref = DetectionsRef(np.array([[0, 0, 10, 10], [0, 0, 10, 10.]]), np.array([0.9, 0.5]),
                         np.array([1.0, 1.0]))
     same = match_detections("global", ref, ref.boxes_yxyx, ref.scores, ref.classes)
-    assert same == DetectionResult("global", 2, 2, 2, 0, 0, 0, 0.0, 0.0, 0.0, True)
+    assert same == DetectionResult("global", 2, 2, 2, 0, 0, 0, 0.0, 0.0, 0.0, CUT_ATOL, True)
     # One produced row cannot serve two reference rows.
     one = match_detections("global", ref, ref.boxes_yxyx[:1], ref.scores[:1], ref.classes[:1])
     assert (one.matched, one.ok) == (1, False)
