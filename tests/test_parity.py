@@ -242,7 +242,6 @@ def with_detections(golden, change) -> object:
         path: change(path, ref) for path, ref in golden.detections.items()})
 
 
-@pytest.mark.slow
 def test_d0_detections_match_row_for_row(d0_heads, golden):
     results = detection_verdicts(d0_heads, golden)
     assert all(d.ok and d.matched == d.expected == 100 for d in results.values())
@@ -250,7 +249,6 @@ def test_d0_detections_match_row_for_row(d0_heads, golden):
     assert max(d.max_box_err for d in results.values()) < 0.02
 
 
-@pytest.mark.slow
 def test_half_pixel_anchor_offset_fails_every_path(d0_heads, golden):
     anchors = d0_heads[0].anchors
     original = anchors.boxes_yxyx
@@ -262,7 +260,6 @@ def test_half_pixel_anchor_offset_fails_every_path(d0_heads, golden):
     assert not any(d.ok for d in results.values()), results
 
 
-@pytest.mark.slow
 def test_garbage_in_place_of_the_lowest_rows_fails(d0_heads, golden):
     rng = np.random.default_rng(0)
 
@@ -278,7 +275,6 @@ def test_garbage_in_place_of_the_lowest_rows_fails(d0_heads, golden):
     assert not any(d.ok for d in results.values()), results
 
 
-@pytest.mark.slow
 def test_scores_swapped_between_disjoint_boxes_fail(d0_heads, golden):
     def swap_disjoint(path, ref):
         best = None
@@ -322,7 +318,6 @@ def per_class_verdict(d0_heads, reference, logit_shift, **options) -> DetectionR
                             dets.scores[0].numpy(), dets.classes[0].numpy())
 
 
-@pytest.mark.slow
 def test_max_nms_inputs_500_fails_where_more_pairs_compete(d0_heads):
     """On the d0 golden only 290 pairs score above the per_class cut, so 500 and 5000 candidates
     give the same rows (no check can tell them apart there). Raise class 1's logits by 6 (no
@@ -335,7 +330,6 @@ def test_max_nms_inputs_500_fails_where_more_pairs_compete(d0_heads):
     assert not per_class_verdict(d0_heads, reference, shift, max_nms_inputs=500).ok
 
 
-@pytest.mark.slow
 def test_saturated_scores_in_another_tie_order_fail(d0_heads, monkeypatch):
     """Saturate d0's scores (logits + 20: thousands of pairs score exactly 1.0); TF's own ops give
     the reference rows. The port's TF order matches them; a sorted top-k (ties to the lower flat
