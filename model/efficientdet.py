@@ -6,6 +6,7 @@ pipeline (resize-and-pad, network, box decoding, one of the three post-processin
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -23,6 +24,10 @@ from .tf_compat import SeparableConv2d, create_conv2d
 
 Taps = Optional[dict[str, torch.Tensor]]
 ImageInput = Union[str, Path, np.ndarray, torch.Tensor]
+
+# model -> {input size: (parameter versions, optimized copy)} for predict(fast=True); kept
+# outside the module so it is neither in state_dict nor deep-copied with the model.
+_FAST_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 class EfficientDet(nn.Module):
@@ -130,15 +135,35 @@ class EfficientDet(nn.Module):
         return outputs, taps
 
     # -------------------------------------------------------------------- inference
+    def optimize(self, image_size: Optional[Any] = None, channels_last: bool = True,
+                 compile: bool = False) -> nn.Module:
+        """An inference-only copy for one input size (default: the config's) that returns what
+        ``self(images)`` returns: BN folded into the convs, static SAME padding, channels_last,
+        optionally ``torch.compile`` (slow first call; see :mod:`model.optimize`). ``self`` is
+        left untouched."""
+        from .optimize import optimize
+        return optimize(self, image_size, channels_last=channels_last, compile=compile)
+
+    def _fast_forward(self) -> nn.Module:
+        """The ``optimize()``d copy for the config's input size, built once per size and cached;
+        rebuilt when a parameter or buffer changed since (``load_state_dict``, ``.to()``)."""
+        size = tuple(self.config.image_size)
+        version = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cache = _FAST_CACHE.setdefault(self, {})
+        if size not in cache or cache[size][0] != version:
+            cache[size] = (version, self.optimize(size))
+        return cache[size][1]
+
     @torch.no_grad()
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], postprocess: str = "global",
-                batch_size: int = 8, **nms_overrides: Any):
+                batch_size: int = 8, fast: bool = False, **nms_overrides: Any):
         """automl's inference pipeline on RGB images (paths, HWC uint8 arrays or tensors).
 
         ``postprocess`` is ``'global'`` (automl inference), ``'per_class'`` (automl COCO
         evaluation) or ``'pyfunc'`` (automl's numpy soft-NMS); ``nms_overrides`` change
         ``nms_configs`` fields (e.g. ``method='hard'``; ``max_nms_inputs=N`` sets the pre-NMS
-        top-N on every path, where the eval paths otherwise use automl's 5000). Returns one
+        top-N on every path, where the eval paths otherwise use automl's 5000). ``fast=True``
+        runs the network through :meth:`optimize` (built on first use, then cached). Returns one
         batched ``Detections`` with boxes in original-image pixels.
         """
         from .postprocess import (MAX_DETECTION_POINTS, Detections, NmsConfig,
@@ -151,12 +176,13 @@ class EfficientDet(nn.Module):
         nms = NmsConfig.from_dict({**self.config.nms_configs, **nms_overrides})
         max_nms_inputs = nms_overrides.get("max_nms_inputs", MAX_DETECTION_POINTS)
         device = self.anchors.boxes_yxyx.device
+        network = self._fast_forward() if fast and not self.training else self
         results = []
         for start in range(0, len(images), batch_size):
             batch, scales = preprocess_batch(images[start:start + batch_size],
                                              self.config.image_size, self.config.mean_rgb,
                                              self.config.stddev_rgb, self.config.scale_range)
-            class_outputs, box_outputs = self(batch.to(device))
+            class_outputs, box_outputs = network(batch.to(device))
             cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
             results.append(run_postprocess(postprocess, cls_logits, box_deltas,
                                            self.anchors.boxes_yxyx, self.config.image_size,

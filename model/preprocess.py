@@ -70,6 +70,14 @@ def _channel_tensor(stats: ChannelStats, like: Tensor, name: str) -> Tensor:
     return values.reshape(3, 1, 1)
 
 
+# Port of automl efficientdet/dataloader.py::InputProcessor.normalize_image @ 6a54c87
+def normalize(image: Tensor, mean_rgb: ChannelStats, stddev_rgb: ChannelStats) -> Tensor:
+    """``(x - mean_rgb) / stddev_rgb`` of a float ``[3, H, W]`` tensor (per channel or scalar)."""
+    mean = _channel_tensor(mean_rgb, image, "mean_rgb")
+    stddev = _channel_tensor(stddev_rgb, image, "stddev_rgb")
+    return (image - mean) / stddev
+
+
 # Port of automl efficientdet/dataloader.py::InputProcessor.set_scale_factors_to_output_size @ 6a54c87
 def scale_factors(image_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int, float]:
     """Resized ``(height, width)`` and the float32 ``image_scale`` automl computes.
@@ -144,10 +152,7 @@ def resize_and_pad(
         zero-padded at the bottom/right; and ``1/scale`` (float32 value), the factor that maps
         network-input pixels back to original-image pixels.
     """
-    x = _to_chw_float32(image)
-    mean = _channel_tensor(mean_rgb, x, "mean_rgb")
-    stddev = _channel_tensor(stddev_rgb, x, "stddev_rgb")
-    x = (x - mean) / stddev
+    x = normalize(_to_chw_float32(image), mean_rgb, stddev_rgb)
     scaled_h, scaled_w, scale = scale_factors((x.shape[1], x.shape[2]), target_hw)
     resized = resize_bilinear_tf(x, (scaled_h, scaled_w))
     # pad_to_bounding_box(scaled, 0, 0, H_t, W_t); a scaled size never exceeds the target.

@@ -41,11 +41,14 @@ from verify.io_utils import atomic_write_text
               default=None, help="Draw every tap's relative error (log scale) to this PNG.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Torch device for the PyTorch model.")
+@click.option("--optimized", is_flag=True,
+              help="Run the network through EfficientDet.optimize() (BN folded, static "
+                   "padding, channels_last) instead of the model as loaded.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path | None,
            automl_dir: Path | None, image_size: str | None, image: Path | None,
            report_path: Path | None,
-           plot_path: Path | None, device: str, quiet: bool) -> None:
+           plot_path: Path | None, device: str, optimized: bool, quiet: bool) -> None:
     """Compare converted weights with TF at every tap and on the final detections.
 
     \b
@@ -96,8 +99,9 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     if reference.num_classes != model.config.num_classes:
         fail(f"reference has {reference.num_classes} classes, weights "
              f"{model.config.num_classes}", EXIT_FAILURE)
+    network = model.to(device).optimize() if optimized else model
     with library_errors(FileNotFoundError):
-        report = run_parity(model, reference, str(weights), source, device)
+        report = run_parity(network, reference, str(weights), source, device)
     lines = format_table(report)
     for line in (lines[-1:] if quiet else lines):
         click.echo(line)
