@@ -6,11 +6,13 @@ pipeline (resize-and-pad, network, box decoding, one of the three post-processin
 from __future__ import annotations
 
 import dataclasses
+from os import PathLike
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .anchors import Anchors
@@ -21,8 +23,11 @@ from .efficientnet_config import BACKBONES
 from .head import class_net, init_class_predict, box_net
 from .tf_compat import SeparableConv2d, create_conv2d
 
+if TYPE_CHECKING:
+    from .postprocess import Detections
+
 Taps = Optional[dict[str, torch.Tensor]]
-ImageInput = Union[str, Path, np.ndarray, torch.Tensor]
+ImageInput = Union[str, PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
 class EfficientDet(nn.Module):
@@ -130,38 +135,117 @@ class EfficientDet(nn.Module):
         return outputs, taps
 
     # -------------------------------------------------------------------- inference
+    @property
+    def label_map(self) -> dict[int, str]:
+        """``{class id: name}``: names stored with the weights (``save_pretrained(labels=...)``),
+        else automl's COCO map for a 90-class model, else empty (ids are shown as numbers)."""
+        from .labels import COCO_LABELS, COCO_NUM_CLASSES, as_label_map
+        stored = getattr(self, "metadata", {}).get("labels")
+        if stored:
+            return as_label_map(stored, self.config.num_classes)
+        return dict(COCO_LABELS) if self.config.num_classes == COCO_NUM_CLASSES else {}
+
     @torch.no_grad()
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], postprocess: str = "global",
-                batch_size: int = 8, **nms_overrides: Any):
-        """automl's inference pipeline on RGB images (paths, HWC uint8 arrays or tensors).
+                batch_size: int = 8, clip_boxes: bool = False, names: bool = False,
+                **nms_overrides: Any) -> "Detections":
+        """automl's inference pipeline on RGB images; returns one batched ``Detections``.
+
+        Input contract (checked before the network runs; one ``ValueError``/``TypeError`` each):
+
+        * one image or a sequence of them (a 4-D array ``[N, H, W, 3]`` / tensor ``[N, 3, H, W]``
+          is a batch); at least one;
+        * an image is a file path (decoded with PIL batch by batch, not all up front: 16-bit grey
+          scaled to 8 bits, alpha dropped, EXIF orientation not applied, as automl), a PIL image,
+          a numpy ``[H, W, 3]`` or torch ``[3, H, W]`` RGB array of dtype uint8, uint16 (scaled
+          to 0..255) or float with values in 0..255 (not 0..1). Grey 2-D arrays, 4 channels,
+          bool/signed-int dtypes are refused (see ``model.preprocess.check_image``).
 
         ``postprocess`` is ``'global'`` (automl inference), ``'per_class'`` (automl COCO
         evaluation) or ``'pyfunc'`` (automl's numpy soft-NMS); ``nms_overrides`` change
-        ``nms_configs`` fields (e.g. ``method='hard'``). Returns one batched
-        ``Detections`` with boxes in original-image pixels.
+        ``nms_configs`` fields (e.g. ``method='hard'``). The model runs in eval mode (its
+        train/eval mode is restored afterwards).
+
+        Output: boxes ``[N, K, 4]`` (ymin, xmin, ymax, xmax) in original-image pixels, scores
+        ``[N, K]``, integer (int64) 1-based class ids ``[N, K]``, ``valid`` ``[N]``. Boxes are
+        **not** clipped to the image by default, as in automl (``global`` clips to the padded
+        network frame, so a box may reach x=600 on a 512-wide image); ``clip_boxes=True`` clips
+        them to each image. ``names=True`` also fills ``Detections.names``: per image, the class
+        names of its ``valid`` rows from :attr:`label_map`.
         """
-        from .postprocess import Detections, NmsConfig, postprocess as run_postprocess
-        from .preprocess import load_image, preprocess_batch
-        if isinstance(images, (str, Path)) or \
-                (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
-            images = [images]   # one image; a 4-D array or a sequence is a batch
-        images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        from .postprocess import POSTPROCESS_KINDS, Detections, NmsConfig, \
+            postprocess as run_postprocess
+        from .preprocess import check_image, load_image, preprocess_batch
+        if postprocess not in POSTPROCESS_KINDS:
+            raise ValueError(f"unknown postprocess {postprocess!r}; "
+                             f"expected one of {', '.join(POSTPROCESS_KINDS)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        inputs = _as_image_list(images)
         nms = NmsConfig.from_dict({**self.config.nms_configs, **nms_overrides})
+
+        def decode(image: ImageInput) -> Any:
+            return load_image(image) if isinstance(image, (str, PathLike)) else check_image(image)
+
+        for image in inputs:            # cheap checks first: no network run on a bad batch
+            if not isinstance(image, (str, PathLike)):
+                check_image(image)
         device = self.anchors.boxes_yxyx.device
+        was_training = self.training
+        self.eval()
         results = []
-        for start in range(0, len(images), batch_size):
-            batch, scales = preprocess_batch(images[start:start + batch_size],
-                                             self.config.image_size, self.config.mean_rgb,
-                                             self.config.stddev_rgb)
-            class_outputs, box_outputs = self(batch.to(device))
-            cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
-            results.append(run_postprocess(postprocess, cls_logits, box_deltas,
-                                           self.anchors.boxes_yxyx, self.config.image_size,
-                                           scales.to(device), nms))
-        if len(results) == 1:
-            return results[0]
-        return Detections(*(torch.cat([getattr(r, f.name) for r in results])
-                            for f in dataclasses.fields(Detections)))
+        try:
+            for start in range(0, len(inputs), batch_size):
+                pixels = [decode(image) for image in inputs[start:start + batch_size]]
+                batch, scales = preprocess_batch(pixels, self.config.image_size,
+                                                 self.config.mean_rgb, self.config.stddev_rgb)
+                class_outputs, box_outputs = self(batch.to(device))
+                cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
+                dets = run_postprocess(postprocess, cls_logits, box_deltas,
+                                       self.anchors.boxes_yxyx, self.config.image_size,
+                                       scales.to(device), nms)
+                if clip_boxes:
+                    dets.boxes_yxyx = clip_to_images(dets.boxes_yxyx, [_image_hw(p) for p in pixels])
+                results.append(dets)
+        finally:
+            self.train(was_training)
+        merged = Detections(*(torch.cat([getattr(r, name) for r in results])
+                              for name in ("boxes_yxyx", "scores", "classes", "valid")))
+        merged.classes = merged.classes.round().long()
+        if names:
+            from .labels import class_name
+            label_map = self.label_map
+            merged.names = [[class_name(label_map, c) for c in row[:int(count)].tolist()]
+                            for row, count in zip(merged.classes, merged.valid)]
+        return merged
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    """One image or a batch -> a non-empty list of images (not decoded)."""
+    if isinstance(images, (str, PathLike, Image.Image)) or \
+            (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4):
+        return [images]   # one image; a 4-D array or a sequence is a batch
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        inputs = list(images)
+    elif isinstance(images, Sequence):
+        inputs = list(images)
+    else:
+        raise TypeError(f"expected an image or a sequence of images, got {type(images).__name__}")
+    if not inputs:
+        raise ValueError("predict needs at least one image, got an empty batch")
+    return inputs
+
+
+def _image_hw(image: Any) -> tuple[int, int]:
+    """(H, W) of a checked image: HWC numpy array or CHW tensor."""
+    return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[1:])
+
+
+def clip_to_images(boxes_yxyx: torch.Tensor, image_hw: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Clips ``[N, K, 4]`` (ymin, xmin, ymax, xmax) boxes to each image's ``[0, H] x [0, W]``."""
+    limits = torch.tensor([[h, w, h, w] for h, w in image_hw], dtype=boxes_yxyx.dtype,
+                          device=boxes_yxyx.device)[:, None, :]
+    return torch.minimum(boxes_yxyx.clamp(min=0), limits)
 
 
 def flatten_outputs(class_outputs: list[torch.Tensor], box_outputs: list[torch.Tensor]
