@@ -5,7 +5,7 @@ pipeline (resize-and-pad, network, box decoding, one of the three post-processin
 """
 from __future__ import annotations
 
-import dataclasses
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -24,6 +24,7 @@ from .head import class_net, init_class_predict, box_net
 from .tf_compat import SeparableConv2d, create_conv2d
 
 if TYPE_CHECKING:
+    from .labels import LabelsLike
     from .postprocess import Detections
 
 Taps = Optional[dict[str, torch.Tensor]]
@@ -38,6 +39,7 @@ class EfficientDet(nn.Module):
         if config.backbone_name not in BACKBONES:
             raise ValueError(f"unknown backbone {config.backbone_name!r}; known: {sorted(BACKBONES)}")
         self.config = config
+        self.metadata: dict[str, Any] = {}    # what the weights file said (from_pretrained)
         self.backbone = EfficientNet(BACKBONES[config.backbone_name], config.act_type)
         # Backbone levels used (C3..C5 by default), then levels made by resampling.
         self.backbone_levels = list(range(config.min_level, min(config.max_level, 5) + 1))
@@ -69,21 +71,69 @@ class EfficientDet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], map_location: str = "cpu",
-                        **overrides: Any) -> "EfficientDet":
-        """Loads a ``.pth`` / ``.safetensors`` file written by ``convert`` (strictly).
+                        num_classes: Optional[int] = None, **overrides: Any) -> "EfficientDet":
+        """Loads a ``.pth`` / ``.safetensors`` file written by ``convert`` or
+        :meth:`save_pretrained` (strictly), in eval mode.
 
-        ``overrides`` change config fields that carry no weights, e.g. ``image_size`` (the
-        strict load rejects any that would).
+        The file is untrusted: its config is checked field by field (types, ranges, variant ==
+        config name, see ``model/config_check.py``) and every tensor must be finite; each problem
+        is one ``ValueError``. ``num_classes=K`` different from the file's loads the file, then
+        resets the class head for ``K`` classes (a warning says so; stored label names are
+        dropped). ``overrides`` change config fields that carry no weights, e.g. ``image_size``
+        (the strict load rejects any that would).
         """
-        from .weights_io import load_weights
+        from .config_check import check_field, config_from_metadata
+        from .labels import as_label_map
+        from .weights_io import check_state_dict, load_weights
         state_dict, metadata = load_weights(path, map_location)
-        if "config" not in metadata:
-            raise ValueError(f"{path}: weights carry no config metadata")
-        config = DetConfig.from_dict(metadata["config"])
-        model = cls(config.replace(**overrides) if overrides else config)
+        config = config_from_metadata(metadata, str(path))
+        check_state_dict(state_dict, str(path))
+        if metadata.get("labels") is not None:
+            try:
+                as_label_map(metadata["labels"], config.num_classes)
+            except ValueError as error:
+                raise ValueError(f"{path}: stored labels: {error}") from None
+        try:
+            for field, value in overrides.items():
+                check_field(field, value)
+            model = cls(config.replace(**overrides) if overrides else config)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: override {error}") from None
         model.load_state_dict(state_dict, strict=True)
-        model.metadata = metadata
+        model.metadata = dict(metadata)
+        if num_classes is not None and num_classes != config.num_classes:
+            check_field("num_classes", num_classes)
+            warnings.warn(f"{path}: class head reset from {config.num_classes} to {num_classes} "
+                          f"classes; the new head is untrained (fine-tune it)", stacklevel=2)
+            model.reset_head(num_classes)
         return model.eval()
+
+    def save_pretrained(self, path: Union[str, Path],
+                        labels: Optional["LabelsLike"] = None) -> Path:
+        """Writes the weights, config and metadata to ``path`` (``.pth`` or ``.safetensors``,
+        atomically) so that :meth:`from_pretrained` rebuilds this model exactly, also after
+        ``reset_head`` or fine-tuning.
+
+        ``labels`` (``{id: name}`` or a list of names for ids 1..) are stored for ``detect`` and
+        ``predict(names=True)``; by default the names this model already carries are kept.
+        The conversion record (``source``) of a converted model is kept.
+        """
+        from ._version import __version__
+        from .labels import as_label_map
+        from .weights_io import save_weights
+        previous = self.metadata
+        metadata: dict[str, Any] = {"variant": self.config.name, "config": self.config.to_dict()}
+        if "source" in previous:
+            metadata["source"] = previous["source"]
+        stored = labels if labels is not None else previous.get("labels")
+        if stored is not None:
+            label_map = as_label_map(stored, self.config.num_classes)
+            metadata["labels"] = {str(k): v for k, v in sorted(label_map.items())}
+        metadata["tool"] = {"name": "effdet-tf-port", "version": __version__,
+                            "writer": "save_pretrained"}
+        saved = save_weights(path, self.state_dict(), metadata)
+        self.metadata = metadata
+        return saved
 
     def reset_head(self, num_classes: int) -> None:
         """Replaces the class predictor for ``num_classes`` (fine-tuning); keeps all else."""
@@ -96,6 +146,8 @@ class EfficientDet(nn.Module):
         device = next(old.parameters()).device
         setattr(self.class_net, "class_predict", new.to(device))
         self.config = self.config.replace(num_classes=num_classes)
+        if "labels" in self.metadata:
+            self.metadata = {k: v for k, v in self.metadata.items() if k != "labels"}
 
     # ---------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, taps: Taps = None
@@ -140,7 +192,7 @@ class EfficientDet(nn.Module):
         """``{class id: name}``: names stored with the weights (``save_pretrained(labels=...)``),
         else automl's COCO map for a 90-class model, else empty (ids are shown as numbers)."""
         from .labels import COCO_LABELS, COCO_NUM_CLASSES, as_label_map
-        stored = getattr(self, "metadata", {}).get("labels")
+        stored = self.metadata.get("labels")
         if stored:
             return as_label_map(stored, self.config.num_classes)
         return dict(COCO_LABELS) if self.config.num_classes == COCO_NUM_CLASSES else {}

@@ -80,6 +80,21 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
     except Exception as error:  # torch raises many types for a damaged or foreign file
         raise ValueError(f"{path}: not a readable weights file "
                          f"({type(error).__name__}: {error})") from None
+    if isinstance(payload, dict) and payload and "state_dict" not in payload and \
+            all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ValueError(f"{path}: a bare state_dict without config (torch.save); save models "
+                         f"with model.save_pretrained(path) to reload them with from_pretrained")
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(f"{path}: not a weights file written by this toolkit")
     return payload["state_dict"], payload.get("metadata", {})
+
+
+def check_state_dict(state_dict: Mapping[str, Any], source: str) -> None:
+    """Raises ``ValueError`` unless every entry is a tensor, floating ones all finite."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{source}: state_dict is a {type(state_dict).__name__}, not a mapping")
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{source}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {key} holds NaN or Inf values")
