@@ -86,5 +86,5 @@ def read_labels(path: str | PathLike[str], num_classes: int | None = None) -> La
 
 
 def class_name(label_map: Mapping[int, str], class_id: int) -> str:
-    """The name of ``class_id``, or the id itself as text when the map has no name for it."""
-    return label_map.get(int(class_id), str(int(class_id)))
+    """The name of ``class_id``, or ``'class <id>'`` when the map has no name for it."""
+    return label_map.get(int(class_id), f"class {int(class_id)}")

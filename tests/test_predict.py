@@ -139,7 +139,7 @@ def test_clip_boxes_and_names(model):
     torch.testing.assert_close(clipped.boxes_yxyx, torch.minimum(raw.boxes_yxyx.clamp(min=0), limits))
     assert raw.boxes_yxyx[..., 2].max() > 40       # automl's default leaves the padded frame
     assert raw.names is None and len(clipped.names[0]) == int(clipped.valid[0]) > 0
-    assert clipped.names[0] == [COCO_LABELS.get(c, str(c))
+    assert clipped.names[0] == [COCO_LABELS.get(c, f"class {c}")
                                 for c in clipped.classes[0, :int(clipped.valid[0])].tolist()]
 
 

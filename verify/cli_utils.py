@@ -87,3 +87,28 @@ def setup_logging(quiet: bool) -> None:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+
+
+DEVICE_HELP = "Torch device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."
+
+
+def device_option(function: Any) -> Any:
+    """The ``--device`` option every command shares (one default: auto)."""
+    return click.option("--device", default="auto", show_default=True, metavar="DEVICE",
+                        callback=_check_device, help=DEVICE_HELP)(function)
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    name = value.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise click.BadParameter(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return name
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; other names unchanged."""
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
