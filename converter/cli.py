@@ -5,30 +5,30 @@ import json
 import re
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+# Only light modules at import time: `convert --help` must not load torch or TensorFlow.
+from model._version import __version__
 from model.config import VARIANTS, parse_image_size
-from model.weights_io import WEIGHT_SUFFIXES, save_weights
+from model.weights_io import WEIGHT_SUFFIXES
 
 from .archive import sha256_file
-from .convert import MappingReport, convert_checkpoint
-from .detect import detect_config
 from .download import RELEASES, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError
-from .readers import read_checkpoint
+
+if TYPE_CHECKING:
+    from .convert import MappingReport
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
 def tool_version() -> str:
-    try:
-        return metadata.version("effdet-tf-port")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
+    """This project's version (``model/_version.py``)."""
+    return __version__
 
 
 def _identity(source: Path) -> str:
@@ -148,6 +148,12 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     4 unknown, ambiguous or mismatched variant, 5 NaN/Inf in weights,
     6 output exists or its folder is missing, 7 download failed.
     """
+    from model.weights_io import save_weights
+
+    from .convert import MappingReport, convert_checkpoint
+    from .detect import detect_config
+    from .readers import read_checkpoint
+
     started = time.perf_counter()
     try:
         check_output(out, force)

@@ -11,9 +11,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:   # torch is imported on use: the command lines read WEIGHT_SUFFIXES from here
+    import torch
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 _SAFETENSORS_KEY = "effdet"
@@ -45,6 +46,7 @@ def atomic_path(path: str | Path) -> Iterator[str]:
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, Any]) -> Path:
     """Writes ``state_dict`` and JSON-safe ``metadata`` atomically; the format follows the suffix."""
+    import torch
     path = Path(path)
     suffix = check_suffix(path)
     tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
@@ -61,6 +63,7 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Returns ``(state_dict, metadata)`` from a file written by ``save_weights``."""
+    import torch
     path = Path(path)
     suffix = check_suffix(path)
     if not path.is_file():
@@ -91,6 +94,7 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
 
 def check_state_dict(state_dict: Mapping[str, Any], source: str) -> None:
     """Raises ``ValueError`` unless every entry is a tensor, floating ones all finite."""
+    import torch
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{source}: state_dict is a {type(state_dict).__name__}, not a mapping")
     for key, tensor in state_dict.items():

@@ -13,12 +13,14 @@ from pathlib import Path
 import click
 
 from converter.archive import sha256_file
+from converter.cache import default_cache_dir
 from verify import coco as coco_lib
 from verify.cli_utils import (
     CONTEXT_SETTINGS,
     EXIT_FAILURE,
     EXIT_INPUT,
     EXIT_INTERRUPTED,
+    device_option,
     fail,
     library_errors,
     setup_logging,
@@ -28,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_results_path(weights: Path, postprocess: str) -> Path:
-    """``./<weights stem>.<postprocess>.coco_results.json`` in the current directory."""
-    return Path.cwd() / f"{weights.stem}.{postprocess}.coco_results.json"
+    """``<cache>/coco-results/<weights stem>.<postprocess>.coco_results.json``; the cache is
+    ``$EFFDET_CACHE`` or ``~/.cache/effdet-tf-port`` (created on use), never the current folder."""
+    return default_cache_dir() / "coco-results" / f"{weights.stem}.{postprocess}.coco_results.json"
 
 
 @click.command("coco", context_settings=CONTEXT_SETTINGS)
@@ -49,13 +52,14 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
               help="Use only the first N images by id (a subset is not compared with the "
                    "published AP).")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, show_default="./<weights stem>.<postprocess>.coco_results.json",
+              default=None,
+              show_default="$EFFDET_CACHE or ~/.cache/effdet-tf-port, then "
+                           "coco-results/<weights stem>.<postprocess>.coco_results.json",
               help="COCO results JSON to write; an interrupted run leaves "
                    "<results>.partial.jsonl and the same command resumes from it.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the JSON report to this file.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              show_default="cuda if available", help="Torch device for the model.")
+@device_option
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=coco_lib.DEFAULT_TOLERANCE_AP,
               help="Allowed |AP - published AP| in AP points for a full val2017 run.")
 @click.option("--json", "as_json", is_flag=True,
@@ -64,7 +68,7 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
 @click.pass_context
 def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, postprocess: str,
          batch_size: int, max_images: int | None, results_path: Path | None,
-         report_path: Path | None, device: str | None, tolerance: float, as_json: bool,
+         report_path: Path | None, device: str, tolerance: float, as_json: bool,
          quiet: bool) -> None:
     """Run the model over COCO images and report bbox mAP beside automl's published AP.
 
@@ -78,7 +82,9 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
         fail(f"image directory not found: {images}")
     if not annotations.is_file():
         fail(f"annotation file not found: {annotations}")
-    results_path = results_path or default_results_path(weights, postprocess)
+    if results_path is None:
+        results_path = default_results_path(weights, postprocess)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
     for target in (results_path, report_path):
         if target is not None and not target.parent.is_dir():
             fail(f"directory does not exist: {target.parent}")
@@ -89,7 +95,8 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
             library_errors(coco_lib.PredictionError, code=EXIT_FAILURE):
         ground_truth = coco_lib.load_annotations(annotations)
         # looked up on the package at call time, so that tests can monkeypatch it
-        model = coco_lib.load_model(weights, postprocess=postprocess, device=device)
+        model = coco_lib.load_model(weights, postprocess=postprocess,
+                                    device=None if device == "auto" else device)
         logger.info("hashing %s", weights)
         weights_sha256 = sha256_file(weights)
         run_info = {
