@@ -59,6 +59,19 @@ def check_output(out: Path, force: bool) -> None:
         raise OutputError(f"{out} exists; pass --force to overwrite")
 
 
+def _variant_name(_ctx: click.Context, _param: click.Parameter, value: str | None
+                  ) -> str | None:
+    """``--variant``: a variant name, or its short form without ``efficientdet-`` (``d0``)."""
+    if value is None:
+        return None
+    for name in (value, f"efficientdet-{value}"):
+        if name.lower() in VARIANTS:
+            return name.lower()
+    raise click.BadParameter(f"unknown variant {value!r}; known: "
+                             f"{', '.join(v.removeprefix('efficientdet-') for v in VARIANTS)} "
+                             f"(with or without 'efficientdet-')")
+
+
 def _is_bundle_prefix(path: Path) -> bool:
     """True for a TF checkpoint prefix (``model.ckpt-123``): not a file itself, but the stem of
     ``model.ckpt-123.index`` / ``model.ckpt-123.data-00000-of-00001``."""
@@ -110,9 +123,10 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "lite4) taken from the cache or downloaded.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors.")
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4); by default "
-                   "detected from the checkpoint's names and shapes.")
+@click.option("--variant", default=None, metavar="NAME", callback=_variant_name,
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4; the short "
+                   "form d0 or lite0 works too); by default detected from the checkpoint's "
+                   "names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "

@@ -36,8 +36,10 @@ def stderr_fd_silenced() -> Iterator[None]:
 
 def import_tensorflow_quietly() -> ModuleType:
     """``import tensorflow`` with its C++ start-up logs and Python warnings silenced
-    (``TF_CPP_MIN_LOG_LEVEL=2`` unless set; absl's Python logger at ERROR). Raises ImportError."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    (``TF_CPP_MIN_LOG_LEVEL=3`` unless set, which also hides the CUDA probe's error line on
+    machines without a GPU; absl's Python logger at ERROR). Failures still reach the caller as
+    Python exceptions. Raises ImportError."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     with stderr_fd_silenced():

@@ -107,6 +107,8 @@ def test_cli_writes_report_and_plot_and_fails_on_a_broken_model(d0_contents, tmp
     result = runner.invoke(verify_main, ["parity", "--weights", str(bad), "--golden", str(D0)])
     assert result.exit_code == 1
     assert "first diverging tap: fpn/cell_1/p3" in result.output
+    assert result.output.splitlines()[-1].startswith(
+        "FAIL: first diverging tap fpn/cell_1/p3 (") and "hint: raw vs EMA" in result.output
 
 
 def test_cli_refuses_weights_of_another_variant(tmp_path):

@@ -7,7 +7,6 @@ Library code raises typed exceptions; only the CLI edge turns them into ``click.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -20,7 +19,6 @@ EXIT_USAGE = 2          # bad command line (click's own code)
 EXIT_INPUT = 3          # missing or corrupt input file
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
-DISTRIBUTION = "effdet-tf-port"
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
 LOGGED_PACKAGES = ("verify", "model", "converter", "mappings")
 
@@ -48,11 +46,9 @@ def library_errors(*errors: type[BaseException], code: int = EXIT_INPUT) -> Iter
 
 
 def package_version() -> str:
-    """Installed version of the ``effdet-tf-port`` distribution, '0.0.0' when not installed."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
+    """This project's version (``model/_version.py``, which setup.cfg reads too)."""
+    from model._version import __version__
+    return __version__
 
 
 class _StderrHandler(logging.Handler):

@@ -23,6 +23,7 @@ from verify.cli_utils import (
     device_option,
     fail,
     library_errors,
+    package_version,
     setup_logging,
 )
 
@@ -35,7 +36,8 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
     return default_cache_dir() / "coco-results" / f"{weights.stem}.{postprocess}.coco_results.json"
 
 
-@click.command("coco", context_settings=CONTEXT_SETTINGS)
+@click.command("coco", context_settings=CONTEXT_SETTINGS,
+               short_help="COCO bbox mAP of converted weights beside automl's published AP.")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Converted weights (.pth or .safetensors) written by `convert`.")
 @click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -59,6 +61,7 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
                    "<results>.partial.jsonl and the same command resumes from it.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the JSON report to this file.")
+@click.version_option(package_version(), "--version", prog_name="verify coco")
 @device_option
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=coco_lib.DEFAULT_TOLERANCE_AP,
               help="Allowed |AP - published AP| in AP points for a full val2017 run.")
