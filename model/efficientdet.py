@@ -165,7 +165,7 @@ class EfficientDet(nn.Module):
                 taps[f"backbone/c{level}"] = feat
         for level in self.extra_levels:
             height, width = feats[-1].shape[-2:]
-            feat = self._modules[f"resample_p{level}"](
+            feat = self.get_submodule(f"resample_p{level}")(
                 feats[-1], ((height - 1) // 2 + 1, (width - 1) // 2 + 1))
             feats.append(feat)
             if taps is not None:
@@ -261,8 +261,10 @@ class EfficientDet(nn.Module):
                 results.append(dets)
         finally:
             self.train(was_training)
-        merged = Detections(*(torch.cat([getattr(r, name) for r in results])
-                              for name in ("boxes_yxyx", "scores", "classes", "valid")))
+        merged = Detections(torch.cat([r.boxes_yxyx for r in results]),
+                            torch.cat([r.scores for r in results]),
+                            torch.cat([r.classes for r in results]),
+                            torch.cat([r.valid for r in results]))
         merged.classes = merged.classes.round().long()
         if names:
             from .labels import class_name
