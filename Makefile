@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 REF ?= ../shared/reference
 WORK ?= out
 
-.PHONY: setup demo test test-quick typecheck verify-all mappings check-mappings bench clean
+.PHONY: setup setup-effdet demo test test-quick typecheck verify-all mappings check-mappings bench clean
 
 STAMP := $(VENV)/.effdet-installed
 
@@ -20,6 +20,10 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	touch $@
 
 setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
+
+setup-effdet: setup  ## effdet + timm for the effdet export tests, leaving torch as it is
+	$(PY) -m pip install --quiet --no-deps 'effdet>=0.4.1,<0.5' 'timm>=0.9.2' 'omegaconf>=2.0' \
+		pyyaml torchvision==0.28.0
 
 demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -> verify parity
 	mkdir -p $(WORK)

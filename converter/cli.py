@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+import numpy as np
 
 # Only light modules at import time: `convert --help` must not load torch or TensorFlow.
 from model._version import __version__
@@ -17,9 +18,12 @@ from model.weights_io import WEIGHT_SUFFIXES
 
 from .archive import sha256_file
 from .download import RELEASES, resolve_release
-from .errors import ConversionError, InputError, MappingError, OutputError
+from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
+from .export import EXPORT_FORMATS, export_model
 
 if TYPE_CHECKING:
+    from model import EfficientDet
+
     from .convert import MappingReport
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
@@ -36,6 +40,14 @@ def _identity(source: Path) -> str:
     index = Path(str(source) + ".index")
     target = index if index.is_file() else source
     return sha256_file(target) if target.is_file() else ""
+
+
+def _global_step(contents) -> int | None:
+    """The checkpoint's training step (kept so ``--to tf-ckpt`` can write it back)."""
+    if "global_step" not in contents.names:
+        return None
+    step = np.asarray(contents.load("global_step"))
+    return int(step.reshape(-1)[0]) if step.size == 1 and step.dtype.kind in "iu" else None
 
 
 def parse_size(text: str) -> int | str:
@@ -121,16 +133,28 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
                    ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
                    "lite4) taken from the cache or downloaded.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output weights; .pth (state_dict + metadata) or .safetensors.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
+                   "the folder (tf-ckpt) or .pth file (effdet) to write).")
 @click.option("--variant", default=None, metavar="NAME", callback=_variant_name,
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4; the short "
-                   "form d0 or lite0 works too); by default detected from the checkpoint's "
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x; the "
+                   "short form d0 or lite0 works too); by default detected from the checkpoint's "
                    "names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
                    "record it; it is stored in the output's config.")
+@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
+              help="Go the other way: --ckpt is PyTorch weights (.pth/.safetensors) and --out "
+                   "gets them as 'tf-ckpt' (an automl TF1 checkpoint folder: variables, "
+                   "ExponentialMovingAverage shadows, global_step) or 'effdet' (a .pth state_dict "
+                   "for rwightman's effdet).")
+@click.option("--raw-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --to tf-ckpt: weights for the raw variables (e.g. convert --no-ema of "
+                   "the same checkpoint) [default: the --ckpt weights, also the EMA shadows].")
+@click.option("--global-step", type=click.IntRange(min=0), default=None,
+              help="With --to tf-ckpt: the global_step written [default: the step the weights "
+                   "were converted from, else 0].")
 @click.option("--no-ema", is_flag=True,
               help="Take the raw variables instead of their ExponentialMovingAverage shadows.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
@@ -143,7 +167,8 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.version_option(tool_version(), "--version", prog_name="convert")
-def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
+def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
+         to_format: str | None, raw_weights: Path | None, global_step: int | None, no_ema: bool,
          force: bool,
          cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
@@ -153,6 +178,8 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
       convert --ckpt efficientdet-d4 --out d4.pth
       convert --ckpt ./my-train-dir --out mine.safetensors --variant efficientdet-d0
       convert --ckpt efficientdet-d0/d0.h5 --out d0.pth
+      convert --ckpt d0.pth --to tf-ckpt --out d0-tf      (and back: convert --ckpt d0-tf ...)
+      convert --ckpt d0.pth --to effdet --out d0-effdet.pth
 
     Every model variable must map to exactly one PyTorch key with the right shape; otherwise
     the unmatched names are listed and nothing is written.
@@ -168,6 +195,12 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
     from .detect import detect_config
     from .readers import read_checkpoint
 
+    if to_format is not None:
+        return _export(Path(ckpt), to_format, out, raw_weights, global_step, force, as_json,
+                       unused={"--variant": variant, "--image-size": image_size,
+                               "--no-ema": no_ema})
+    if raw_weights is not None or global_step is not None:
+        raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
     started = time.perf_counter()
     try:
         check_output(out, force)
@@ -190,7 +223,8 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
         metadata_ = {"variant": config.name, "config": config.to_dict(),
                      "source": {"path": str(contents.source), "format": contents.format,
                                 "sha256": _identity(contents.source),
-                                "ema": report.ema_source},
+                                "ema": report.ema_source,
+                                "global_step": _global_step(contents)},
                      "tool": {"name": "effdet-tf-port", "version": tool_version()}}
         save_weights(out, state_dict, metadata_)
     except MappingError as error:
@@ -206,6 +240,49 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_e
         if not quiet:
             for line in lines:
                 click.echo(line, err=True)
+        click.echo(str(out))
+
+
+def _load_weights(path: Path) -> EfficientDet:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise InputError(f"{path}: --to needs PyTorch weights ({', '.join(WEIGHT_SUFFIXES)})")
+    from model import EfficientDet
+    try:
+        return EfficientDet.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def _export(ckpt: Path, to_format: str, out: Path, raw_weights: Path | None,
+            global_step: int | None, force: bool, as_json: bool, unused: dict) -> None:
+    """``convert --to``: PyTorch weights -> ``to_format`` through ``export_model``."""
+    given = [name for name, value in unused.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do not apply with --to")
+    options: dict = {"force": force}
+    if to_format == "tf-ckpt":
+        options["global_step"] = global_step
+    elif raw_weights is not None or global_step is not None:
+        raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
+    try:
+        model = _load_weights(ckpt)
+        if raw_weights is not None:
+            raw_model = _load_weights(raw_weights)
+            if raw_model.config != model.config:
+                raise VariantError(f"{raw_weights}: --raw-weights are of another model "
+                                   f"({raw_model.config.name}) than {ckpt} ({model.config.name})")
+            options["raw_model"] = raw_model
+        written = export_model(model, to_format, out, **options)
+    except MappingError as error:
+        for line in getattr(error, "lines", []):
+            click.echo(line, err=True)
+        raise _exit(error)
+    except ConversionError as error:
+        raise _exit(error)
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "format": to_format, "written": str(written),
+                               "variant": model.config.name}))
+    else:
         click.echo(str(out))
 
 

@@ -1,4 +1,5 @@
-"""The layout transforms of ``Layout``, TF array -> PyTorch tensor and back (shapes only)."""
+"""The layout transforms of ``Layout``: TF array -> PyTorch tensor, PyTorch tensor -> TF array, and
+the shapes both ways."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,16 @@ def to_torch(array: np.ndarray, layout: Layout) -> torch.Tensor:
     if permutation is not None:
         array = np.transpose(array, permutation)
     return torch.from_numpy(array)
+
+
+def to_tf(tensor: torch.Tensor, layout: Layout) -> np.ndarray:
+    """The inverse of ``to_torch``: a C-contiguous float array in TF layout (a copy, so the
+    bytes written are the TF layout's, whatever the tensor's strides)."""
+    array = tensor.detach().cpu().numpy()
+    permutation = _PERMUTATIONS.get(layout)
+    if permutation is not None:
+        array = np.transpose(array, np.argsort(permutation))
+    return np.array(array, order="C", copy=True)
 
 
 def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:

@@ -108,14 +108,21 @@ def stem_filters(params: BackboneParams) -> int:
     return round_filters(STEM_FILTERS, params, skip=params.fix_head_stem)
 
 
+def stage_repeats(params: BackboneParams,
+                  block_strings: tuple[str, ...] = BLOCK_STRINGS) -> list[int]:
+    """Blocks per stage (one stage per block string) after depth scaling; lite keeps the first
+    and last stage's repeats."""
+    groups = [decode_block_string(s) for s in block_strings]
+    return [group.num_repeat if params.fix_head_stem and index in (0, len(groups) - 1)
+            else round_repeats(group.num_repeat, params) for index, group in enumerate(groups)]
+
+
 def build_blocks(params: BackboneParams,
                  block_strings: tuple[str, ...] = BLOCK_STRINGS) -> list[BlockArgs]:
     """Every MBConv block in build order (index N is automl's ``blocks_N``)."""
     groups = [decode_block_string(s) for s in block_strings]
     blocks: list[BlockArgs] = []
-    for index, group in enumerate(groups):
-        fixed = params.fix_head_stem and index in (0, len(groups) - 1)
-        repeats = group.num_repeat if fixed else round_repeats(group.num_repeat, params)
+    for group, repeats in zip(groups, stage_repeats(params, block_strings)):
         first = replace(group, num_repeat=repeats,
                         input_filters=round_filters(group.input_filters, params),
                         output_filters=round_filters(group.output_filters, params))

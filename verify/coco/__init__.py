@@ -12,6 +12,8 @@ Independent parts, so that each can be tested without the others:
   image size, post-processing, score threshold) next to automl's published AP
   (:data:`~verify.coco.official.OFFICIAL_AP`).
 * :mod:`~verify.coco.model_loader` (:func:`load_model`): converted weights -> a predictor.
+* :mod:`~verify.coco.distributed` (:class:`RankGroup`): torchrun ranks, image sharding, agreement
+  on failure, gathering on rank 0; :func:`run_inference` takes a ``group``.
 
 Errors in the inputs raise subclasses of :class:`CocoEvalError` (:mod:`~verify.coco.errors`);
 the CLI turns them into one-line messages.
@@ -26,6 +28,8 @@ from typing import Any
 _LAZY = {
     "load_annotations": "verify.coco.data",
     "load_image": "verify.coco.data",
+    "RankGroup": "verify.coco.distributed",
+    "RanksFailed": "verify.coco.distributed",
     "AnnotationsError": "verify.coco.errors",
     "CocoEvalError": "verify.coco.errors",
     "ImageError": "verify.coco.errors",
@@ -61,6 +65,7 @@ __all__ = [
     "AnnotationsError", "CocoEvalError", "ImageError", "ModelLoadError", "PredictionError",
     "ResultsError", "ResumeError",
     "OFFICIAL_AP", "OfficialAP",
+    "RankGroup", "RanksFailed",
     "load_annotations", "load_image",
     "DetectionsLike", "detections_to_results",
     "PARTIAL_FORMAT", "PARTIAL_SUFFIX", "InferenceResult", "PredictFn", "partial_path_for",

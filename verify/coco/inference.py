@@ -1,25 +1,30 @@
 """Resumable COCO inference: annotated images -> ``predict_fn`` -> a COCO results JSON file.
 
 Finished batches go to a JSON-lines *partial* file next to the results, so an interrupted run
-resumes where it stopped; the final results JSON is written atomically.
+resumes where it stopped; the final results JSON is written atomically. Under torchrun the images
+are sharded over the ranks (:mod:`verify.coco.distributed`), each rank with its own partial file.
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import numpy as np
 from pycocotools.coco import COCO
 
 from verify.coco.data import as_coco, load_image
+from verify.coco.distributed import RankGroup
 from verify.coco.errors import ImageError, ResultsError, ResumeError
 from verify.coco.results import DetectionsLike, detections_to_results, result_dicts
 from verify.io_utils import atomic_write_text
@@ -30,6 +35,7 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 PARTIAL_FORMAT = "effdet-coco-partial/1"
 
 PredictFn = Callable[[list[np.ndarray]], DetectionsLike]
+SINGLE_PROCESS = RankGroup()
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,32 @@ class _NullProgress:
         return None
 
 
-def partial_path_for(results_path: str | os.PathLike[str]) -> Path:
-    """The JSON-lines file that holds finished batches while ``results_path`` is being made."""
+def partial_path_for(results_path: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> Path:
+    """The JSON-lines file that holds finished batches while ``results_path`` is being made:
+    ``<results>.partial.jsonl``, or ``<results>.rank<R>-of-<W>.partial.jsonl`` for rank R of W."""
     results_path = Path(results_path)
-    return results_path.with_name(results_path.name + PARTIAL_SUFFIX)
+    shard = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
+    return results_path.with_name(results_path.name + shard + PARTIAL_SUFFIX)
+
+
+def partial_files_hint(results_path: str | os.PathLike[str], world_size: int) -> str:
+    """The partial file(s) of a run with ``world_size`` ranks, for messages (a glob for several)."""
+    if world_size == 1:
+        return str(partial_path_for(results_path))
+    return f"{results_path}.rank*-of-{world_size}{PARTIAL_SUFFIX}"
+
+
+def partial_paths_of_other_runs(results_path: str | os.PathLike[str], world_size: int) -> list[Path]:
+    """Existing partial files of ``results_path`` written by runs with another number of ranks."""
+    results_path = Path(results_path)
+    name = re.compile(re.escape(results_path.name) + r"(?:\.rank\d+-of-(\d+))?"
+                      + re.escape(PARTIAL_SUFFIX))
+    found = []
+    for path in sorted(results_path.parent.glob(glob.escape(results_path.name) + "*" + PARTIAL_SUFFIX)):
+        match = name.fullmatch(path.name)
+        if match and int(match.group(1) or 1) != world_size:
+            found.append(path)
+    return found
 
 
 def _header_line(run_info: Mapping[str, Any]) -> str:
@@ -108,6 +136,7 @@ def run_inference(
     max_images: int | None = None,
     progress: bool = True,
     run_info: Mapping[str, Any] | None = None,
+    group: RankGroup = SINGLE_PROCESS,
 ) -> InferenceResult:
     """Run ``predict_fn`` over the annotated images and write COCO results JSON.
 
@@ -121,65 +150,106 @@ def run_inference(
     At the end the results (``[{image_id, category_id, bbox: [x, y, w, h], score}]``, ordered by
     image id) are written atomically to ``results_path`` and the partial file is removed.
     A progress bar goes to stderr when ``progress`` is true.
+
+    With a distributed ``group`` every rank calls this with the same arguments: each runs its
+    :meth:`~RankGroup.shard` of the images, keeps its own partial file
+    (``<results>.rank<R>-of-<W>.partial.jsonl``), and agrees with the others after every batch,
+    so a failure on one rank stops all of them (:class:`RanksFailed`). Rank 0 gathers the rows
+    and writes ``results_path``. Partial files left by a run with another number of ranks (or
+    by a single process) are read too, so a resumed run may change the number of ranks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
-    coco = as_coco(annotations)
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise ImageError(f"image directory not found: {image_dir}")
     results_path = Path(results_path)
-    if not results_path.parent.is_dir():
-        raise ResultsError(f"directory of the results file does not exist: {results_path.parent}")
     run_info = dict(run_info or {})
-    image_ids = sorted(coco.getImgIds())[:max_images]
-    partial = partial_path_for(results_path)
+    partial = partial_path_for(results_path, group.rank, group.world_size)
+    with group.agreed():
+        coco = as_coco(annotations)
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise ImageError(f"image directory not found: {image_dir}")
+        if not results_path.parent.is_dir():
+            raise ResultsError(f"directory of the results file does not exist: {results_path.parent}")
+        image_ids = sorted(coco.getImgIds())[:max_images]
+        mine = group.shard(image_ids)
+        earlier_runs = partial_paths_of_other_runs(results_path, group.world_size)
+        done = _resume(partial, earlier_runs, run_info, set(coco.getImgIds()))
+    num_resumed = group.agree(work=sum(1 for image_id in mine if image_id in done))
+    if num_resumed:
+        logger.info("resuming: %d image(s) already done", num_resumed)
+    todo = [image_id for image_id in mine if image_id not in done]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
 
-    done: dict[int, list[list[float]]] = {}
-    if partial.exists():
-        done, torn = _read_partial(partial, run_info)
-        unknown = set(done) - set(coco.getImgIds())
-        if unknown:
-            raise ResumeError(f"{partial} holds image ids that are not in the annotation file "
-                              f"(e.g. {min(unknown)}); delete it or choose another results path")
-        if torn:  # rewrite without the torn last line before appending to it
-            body = "".join(json.dumps({"image_id": k, "dets": v}) + "\n" for k, v in done.items())
-            atomic_write_text(partial, _header_line(run_info) + body)
-        logger.info("resuming from %s: %d image(s) already done", partial, len(done))
-    else:
-        atomic_write_text(partial, _header_line(run_info))
-    selected = set(image_ids)
-    num_resumed = sum(1 for image_id in done if image_id in selected)
-    todo = [image_id for image_id in image_ids if image_id not in done]
-
-    bar = (_progress_bar(len(image_ids)) if progress else _NullProgress())
+    bar = _progress_bar(len(image_ids)) if progress and group.is_root else _NullProgress()
     try:
         with bar, open(partial, "a", encoding="utf-8") as out:
             bar.update(num_resumed)
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                images = [load_image(image_dir / coco.imgs[i]["file_name"]) for i in batch]
-                per_image = detections_to_results(predict_fn(images), batch)
-                out.write("".join(json.dumps({"image_id": i, "dets": rows}) + "\n"
-                                  for i, rows in zip(batch, per_image)))
-                out.flush()
-                os.fsync(out.fileno())
-                done.update(zip(batch, per_image))
-                bar.update(len(batch))
+            for step in itertools.count():
+                batch = batches[step] if step < len(batches) else []
+                error = None
+                try:
+                    if batch:
+                        images = [load_image(image_dir / coco.imgs[i]["file_name"]) for i in batch]
+                        per_image = detections_to_results(predict_fn(images), batch)
+                        _append(out, zip(batch, per_image))
+                        done.update(zip(batch, per_image))
+                except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, re-raised
+                    error = exc
+                finished = group.agree(error, work=len(batch))  # images finished by all ranks
+                if not finished:
+                    break
+                bar.update(finished)
     except BaseException:
-        finished = sum(1 for image_id in image_ids if image_id in done)
-        logger.warning("stopped after %d of %d images; finished batches are kept in %s and a "
-                       "re-run with the same results path resumes from there",
-                       finished, len(image_ids), partial)
+        if group.is_root:
+            logger.warning("stopped after %d of %d images%s; finished batches are kept in %s and a "
+                           "re-run with the same results path resumes from there",
+                           sum(1 for image_id in mine if image_id in done), len(mine),
+                           " of rank 0's shard" if group.is_distributed else "",
+                           partial_files_hint(results_path, group.world_size))
         raise
 
-    results = [det for image_id in image_ids for det in result_dicts(image_id, done[image_id])]
-    atomic_write_text(results_path, json.dumps(results, separators=(",", ":")))
-    partial.unlink()
-    logger.info("wrote %d detections for %d images to %s", len(results), len(image_ids), results_path)
-    return InferenceResult(results_path, tuple(image_ids), len(results), num_resumed)
+    shards = group.gather_to_root({image_id: done[image_id] for image_id in mine})
+    num_detections = sum(len(done[image_id]) for image_id in mine)
+    with group.agreed():
+        if shards is not None:
+            rows = {image_id: dets for shard in shards for image_id, dets in shard.items()}
+            results = [det for image_id in image_ids for det in result_dicts(image_id, rows[image_id])]
+            atomic_write_text(results_path, json.dumps(results, separators=(",", ":")))
+            num_detections = len(results)
+            logger.info("wrote %d detections for %d images to %s", num_detections, len(image_ids),
+                        results_path)
+    for path in (partial, *earlier_runs):
+        path.unlink(missing_ok=True)  # several ranks may share the earlier runs' files
+    return InferenceResult(results_path, tuple(image_ids), num_detections, num_resumed)
+
+
+def _append(out: TextIO, finished: Iterable[tuple[int, list[list[float]]]]) -> None:
+    """Append finished images to the open partial file and make them durable."""
+    out.write("".join(json.dumps({"image_id": i, "dets": rows}) + "\n" for i, rows in finished))
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _resume(partial: Path, earlier_runs: Sequence[Path], run_info: Mapping[str, Any],
+            known_ids: set[int]) -> dict[int, list[list[float]]]:
+    """Finished images of this rank's partial file (created with its header if missing; a torn
+    last line is dropped) and of the partial files of earlier runs with other numbers of ranks."""
+    done: dict[int, list[list[float]]] = {}
+    if not partial.exists():
+        atomic_write_text(partial, _header_line(run_info))
+    for path in (*earlier_runs, partial):
+        found, torn = _read_partial(path, run_info)
+        unknown = set(found) - known_ids
+        if unknown:
+            raise ResumeError(f"{path} holds image ids that are not in the annotation file "
+                              f"(e.g. {min(unknown)}); delete it or choose another results path")
+        if torn and path == partial:  # rewrite without the torn last line before appending to it
+            body = "".join(json.dumps({"image_id": k, "dets": v}) + "\n" for k, v in found.items())
+            atomic_write_text(partial, _header_line(run_info) + body)
+        done.update(found)
+    return done
 
 
 def _progress_bar(total: int) -> Any:
