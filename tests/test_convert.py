@@ -35,7 +35,7 @@ MANIFEST_DIRS = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/manifest.jso
 # of tensors; SLOW ones only run with the slow tests.
 BIG = {"efficientdet-d4", "efficientdet-d5", "efficientdet-d6", "efficientdet-d7",
        "efficientdet-d7x"}
-SLOW = BIG - {"efficientdet-d4"}
+SLOW = BIG
 SUBSET_STRIDE = 7           # big variants: every 7th tensor by TF name, plus the special ones
 
 
