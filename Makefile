@@ -36,7 +36,7 @@ demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -
 test: setup  ## the test suite (CPU)
 	$(PY) -m pytest -q
 
-test-quick: setup  ## the tests not marked slow (under a minute on an idle machine)
+test-quick: setup  ## the tests not marked slow (~75 s of CPU; make test runs them all)
 	$(PY) -m pytest -q -m "not slow"
 
 typecheck: setup  ## mypy over the model package

@@ -97,7 +97,6 @@ def test_unknown_name_lists_valid_names(tmp_path):
 
 
 @pytest.mark.needs_tf
-@pytest.mark.slow   # builds a release archive from a synth d0: ~17 s under load
 def test_download_then_cache_without_network(tmp_path, release_root):
     cache = tmp_path / "cache"
     archive = release_root / "coco2" / f"{D0}.tar.gz"
