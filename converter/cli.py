@@ -13,13 +13,15 @@ import numpy as np
 
 # Only light modules at import time: `convert --help` must not load torch or TensorFlow.
 from model._version import __version__
-from model.config import VARIANTS, parse_image_size
-from model.weights_io import WEIGHT_SUFFIXES
+from model.config import parse_image_size
+from model.registry import RELEASES, VARIANTS
+from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destination
 
 from .archive import sha256_file
-from .download import RELEASES, resolve_release
+from .download import check_sha256, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
 from .export import EXPORT_FORMATS, export_model
+from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     from model import EfficientDet
@@ -63,12 +65,13 @@ def parse_size(text: str) -> int | str:
 
 
 def check_output(out: Path, force: bool) -> None:
+    """Everything about ``--out`` that can fail, checked before the conversion starts."""
     if out.suffix.lower() not in WEIGHT_SUFFIXES:
         raise OutputError(f"{out}: output must end in one of {', '.join(WEIGHT_SUFFIXES)}")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: output folder {out.parent} does not exist")
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to overwrite")
+    try:
+        check_destination(out, overwrite=force)
+    except DestinationError as error:
+        raise OutputError(str(error)) from None
 
 
 def _variant_name(_ctx: click.Context, _param: click.Parameter, value: str | None
@@ -93,24 +96,46 @@ def _is_bundle_prefix(path: Path) -> bool:
                for entry in path.parent.iterdir() if entry.name.startswith(path.name + "."))
 
 
-def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool) -> Path:
-    """A path (file, folder or checkpoint prefix) as given, or a release name looked up in the
-    cache / downloaded."""
+def resolve_ckpt(ckpt: str, cache_dir: Path | None, base_url: str | None, quiet: bool,
+                 sha256: str | None = None) -> tuple[Path, str | None]:
+    """``(path, None)`` for a path (file, folder or checkpoint prefix) as given, or
+    ``(checkpoint, release name)`` for a release looked up in the cache / downloaded.
+    ``sha256`` is the expected digest of the release archive, or of the file given."""
     path = Path(ckpt)
     if path.exists() or _is_bundle_prefix(path):
-        return path
+        if sha256 is not None:
+            if not path.is_file():
+                raise InputError(f"--sha256 applies to a release name or a single file, "
+                                 f"not {ckpt}")
+            digest = sha256_file(path)
+            if digest != sha256:
+                raise InputError(f"sha256 mismatch for {ckpt}: expected {sha256}, got {digest}")
+        return path, None
     if ckpt in RELEASES:
-        return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url,
-                               progress=None if quiet else _download_progress(ckpt))
+        return resolve_release(ckpt, cache_dir=cache_dir, base_url=base_url, sha256=sha256,
+                               progress=None if quiet else _download_progress(ckpt)), ckpt
     raise InputError(f"{ckpt}: no such file or directory, and not a release name "
                      f"({', '.join(RELEASES)})")
 
 
-def _download_progress(name: str):
+def _download_progress(name: str, every_s: float = 0.2):
+    last = [0.0]
+
     def report(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < every_s and done != total:
+            return
+        last[0] = now
         size = f"/{total / 1e6:.1f}" if total else ""
         click.echo(f"\rdownloading {name}: {done / 1e6:.1f}{size} MB", err=True, nl=False)
     return report
+
+
+def _parse_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else check_sha256(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def summary(report: MappingReport, config, source: Path, fmt: str, seconds: float) -> list[str]:
@@ -132,7 +157,9 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="TF checkpoint: a TF1 checkpoint folder or prefix (model.ckpt-12345), a TF2 "
                    "object-based checkpoint, a SavedModel folder, a Keras .h5 file, a release "
                    ".tar.gz/.tgz, or a release name (efficientdet-d0 ... d7, d7x, lite0 ... "
-                   "lite4) taken from the cache or downloaded.")
+                   "lite4, lite3x, d2-640 ... d6-640, d0-advprop ... d5-advprop) taken from the "
+                   "cache or downloaded; a release name also records its input size and "
+                   "normalisation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
                    "the folder (tf-ckpt) or .pth file (effdet) to write).")
@@ -163,6 +190,9 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
 @click.option("--base-url", default=None, metavar="URL",
               help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
+@click.option("--sha256", default=None, metavar="HEX", callback=_parse_sha256,
+              help="Expected sha256 of the release archive (checked after the download and on "
+                   "every cached reuse) or of the --ckpt file.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON on stdout instead of the output path.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
@@ -170,7 +200,8 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
          to_format: str | None, raw_weights: Path | None, global_step: int | None, no_ema: bool,
          force: bool,
-         cache_dir: Path | None, base_url: str | None, as_json: bool, quiet: bool) -> None:
+         cache_dir: Path | None, base_url: str | None, sha256: str | None, as_json: bool,
+         quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -187,7 +218,8 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
     \b
     Exit codes: 0 ok, 1 mapping failure, 2 usage, 3 missing or corrupt input,
     4 unknown, ambiguous or mismatched variant, 5 NaN/Inf in weights,
-    6 output exists or its folder is missing, 7 download failed.
+    6 output exists or cannot be written, 7 download failed, 130 interrupted
+    (Ctrl-C or SIGTERM; nothing is left behind).
     """
     from model.weights_io import save_weights
 
@@ -195,19 +227,40 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
     from .detect import detect_config
     from .readers import read_checkpoint
 
-    if to_format is not None:
-        return _export(Path(ckpt), to_format, out, raw_weights, global_step, force, as_json,
-                       unused={"--variant": variant, "--image-size": image_size,
-                               "--no-ema": no_ema})
-    if raw_weights is not None or global_step is not None:
-        raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
+    with sigterm_as_interrupt():
+        try:
+            if to_format is not None:
+                return _export(Path(ckpt), to_format, out, raw_weights, global_step, force,
+                               as_json, unused={"--variant": variant, "--image-size": image_size,
+                                                "--no-ema": no_ema, "--sha256": sha256})
+            if raw_weights is not None or global_step is not None:
+                raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
+            _convert(ckpt, out, variant, image_size, no_ema, force, cache_dir, base_url,
+                     sha256, as_json, quiet)
+        except KeyboardInterrupt:
+            exception = click.ClickException(f"interrupted; {out} was not written")
+            exception.exit_code = EXIT_INTERRUPTED
+            raise exception from None
+
+
+def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
+             force: bool, cache_dir: Path | None, base_url: str | None, sha256: str | None,
+             as_json: bool, quiet: bool) -> None:
     started = time.perf_counter()
     try:
         check_output(out, force)
-        path = resolve_ckpt(ckpt, cache_dir, base_url, quiet)
+        path, release_name = resolve_ckpt(ckpt, cache_dir, base_url, quiet, sha256)
         contents = read_checkpoint(path, cache_dir=cache_dir)
-        overrides = {} if image_size is None else {"image_size": parse_size(image_size)}
+        # A release name brings its variant and the input size and normalisation it expects;
+        # the checkpoint must hold that variant (a mirror may serve another one).
+        release = RELEASES[release_name] if release_name else None
+        overrides = dict(release.config) if release else {}
+        if image_size is not None:
+            overrides["image_size"] = parse_size(image_size)
         config = detect_config(contents.names, variant, source=path, **overrides)
+        if release is not None and config.name != release.variant:
+            raise VariantError(f"release {release_name} holds a {config.name} checkpoint, not "
+                               f"{release.variant}; refused")
         with click.progressbar(length=1, label="converting", file=sys.stderr,
                                hidden=quiet) as bar:
             def progress(items):
@@ -220,13 +273,17 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
                                                     progress=progress)
         lines = summary(report, config, contents.source, contents.format,
                         time.perf_counter() - started)
-        metadata_ = {"variant": config.name, "config": config.to_dict(),
+        metadata_ = {"variant": config.name, **({"release": release.name} if release else {}),
+                     "config": config.to_dict(),
                      "source": {"path": str(contents.source), "format": contents.format,
                                 "sha256": _identity(contents.source),
                                 "ema": report.ema_source,
                                 "global_step": _global_step(contents)},
                      "tool": {"name": "effdet-tf-port", "version": tool_version()}}
-        save_weights(out, state_dict, metadata_)
+        try:
+            save_weights(out, state_dict, metadata_, overwrite=force)
+        except DestinationError as error:
+            raise OutputError(str(error)) from None
     except MappingError as error:
         for line in getattr(error, "report", MappingReport()).problems():
             click.echo(line, err=True)

@@ -9,7 +9,6 @@ name-based checkpoints, e.g. ``efficientnet-b0/stem/conv2d/kernel``,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from converter.errors import NonFiniteError
+from mappings import ignore_reason
 
-__all__ = ["CheckpointContents", "FORMATS", "OPTIMIZER_SLOT_RE", "check_finite", "as_numpy"]
+__all__ = ["CheckpointContents", "FORMATS", "check_finite", "as_numpy"]
 
 #: Values of ``CheckpointContents.format``.
 FORMATS = ("tf1", "tf2", "saved_model", "h5")
-
-#: TF1 optimizer slot suffixes (MomentumOptimizer, Adam, RMSProp, Adagrad, ...).
-#: Slots are not model tensors: ``check_finite`` never inspects them.
-OPTIMIZER_SLOT_RE = re.compile(r"/(Momentum|Adam(_\d+)?|RMSProp(_\d+)?|Adagrad|Ftrl(_\d+)?)$")
 
 
 @dataclass
@@ -91,12 +87,13 @@ def as_numpy(value: object) -> np.ndarray:
 def check_finite(contents: CheckpointContents, names: Iterable[str]) -> None:
     """Raise NonFiniteError naming the first model tensor with NaN or Inf.
 
-    Optimizer slots (``.../Momentum`` and similar, see ``OPTIMIZER_SLOT_RE``)
-    are not model tensors and are passed over. Tensors are checked in the order
-    given; the converter passes the names it actually uses.
+    Entries of the ignore list (``mappings.IGNORED_TF``: optimizer slots and
+    accumulators, ``global_step``, ...) are not model tensors and are passed over.
+    Tensors are checked in the order given; the converter passes the names it
+    actually uses.
     """
     for name in names:
-        if OPTIMIZER_SLOT_RE.search(name):
+        if ignore_reason(name):
             continue
         value = contents.load(name)
         if value.dtype.kind != "f":

@@ -1,7 +1,6 @@
 """Checkpoint tensors -> PyTorch state_dict through the mapping table, with a full report."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -9,13 +8,13 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from mappings import IGNORED_TF, table_for
+from mappings import ignore_reason, table_for
 from mappings.layouts import pt_shape, to_torch
 from mappings.rules import EMA_SUFFIX
 from model.config import DetConfig
 
 from .contents import CheckpointContents
-from .errors import MappingError, NonFiniteError
+from .errors import InputError, MappingError, NonFiniteError
 
 
 @dataclass
@@ -26,7 +25,7 @@ class MappingReport:
     missing_pt: list[str] = field(default_factory=list)        # keys the checkpoint lacks
     shape_mismatch: list[tuple[str, tuple, tuple, tuple]] = field(default_factory=list)
     ema_missing: list[str] = field(default_factory=list)       # EMA expected but absent
-    ignored: Counter = field(default_factory=Counter)          # reason -> count
+    ignored: Counter = field(default_factory=Counter)          # reason -> count (IGNORED_TF)
     ema_source: str = "none"         # 'shadows', 'model entries' or 'none' (raw values)
     converted: int = 0
 
@@ -50,13 +49,6 @@ class MappingReport:
         return lines
 
 
-def ignore_reason(name: str) -> str | None:
-    for pattern, reason in IGNORED_TF.items():
-        if re.search(pattern, name):
-            return reason
-    return None
-
-
 def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema: bool = True,
                        progress: Callable[[Iterable], Iterable] = iter
                        ) -> tuple[dict[str, torch.Tensor], MappingReport]:
@@ -64,7 +56,8 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
 
     With ``use_ema`` the ``<name>/ExponentialMovingAverage`` shadow is taken wherever the
     checkpoint has shadows (as automl evaluates). Raises MappingError (with the report's lines)
-    on any gap, and NonFiniteError on NaN/Inf in a used tensor.
+    on any gap, NonFiniteError on NaN/Inf in a used tensor, and InputError on a used tensor
+    that is not floating point or has the wrong number of dimensions.
     """
     report = MappingReport()
     table = {entry.tf_name: entry for entry in table_for(config)}
@@ -74,6 +67,7 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
     elif use_ema and has_shadows:
         report.ema_source = "shadows"
     state_dict: dict[str, torch.Tensor] = {}
+    report.ignored.update(contents.skipped.values())     # what the reader did not expose
     for name in contents.names:
         reason = ignore_reason(name)
         if reason:
@@ -100,11 +94,17 @@ def convert_checkpoint(contents: CheckpointContents, config: DetConfig, use_ema:
             report.missing_pt.append(entry.pt_name)
             continue
         shape = tuple(contents.names[source])
+        if len(shape) != len(entry.pt_shape):
+            raise InputError(f"tensor {source} of {contents.source} has shape {list(shape)}, "
+                             f"expected {len(entry.pt_shape)} dimensions; malformed checkpoint")
         if pt_shape(shape, entry.layout) != entry.pt_shape:
             report.shape_mismatch.append((entry.pt_name, shape, pt_shape(shape, entry.layout),
                                           entry.pt_shape))
             continue
         array = contents.load(source)
+        if array.dtype.kind != "f":
+            raise InputError(f"tensor {source} of {contents.source} holds {array.dtype} values; "
+                             "weights must be floating point")
         if not np.isfinite(array).all():
             raise NonFiniteError(f"tensor {source} of {contents.source} has NaN or Inf values")
         state_dict[entry.pt_name] = to_torch(array.astype(np.float32, copy=False), entry.layout)

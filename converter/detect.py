@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from model.config import VARIANTS, DetConfig, get_config
+from model.config import DetConfig, get_config
+from model.registry import VARIANTS
 
-from .errors import VariantError
+from .errors import InputError, VariantError
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def _indices(pattern: str, names: Mapping[str, Any]) -> set[int]:
 
 
 def read_structure(names: Mapping[str, tuple[int, ...]]) -> Structure:
-    """Reads the architecture from TF1 names; raises VariantError if it is not EfficientDet."""
+    """Reads the architecture from TF1 names; raises VariantError if it is not EfficientDet and
+    InputError if its predictor kernels have impossible shapes."""
     backbones = {m.group(1) for name in names
                  for m in [re.match(r"^(efficientnet-(?:b\d+|lite\d+))/", name)] if m}
     box_predict = names.get("box_net/box-predict/pointwise_kernel") or \
@@ -60,7 +62,9 @@ def read_structure(names: Mapping[str, tuple[int, ...]]) -> Structure:
         found = ", ".join(sorted(backbones)) or "no efficientnet backbone"
         raise VariantError(f"not an EfficientDet checkpoint ({found}; "
                            f"box/class predictors {'found' if box_predict else 'missing'})")
+    _check_predictor("box_net/box-predict", box_predict, 4)
     num_anchors = box_predict[-1] // 4
+    _check_predictor("class_net/class-predict", class_predict, num_anchors)
     return Structure(
         backbone_name=backbones.pop(),
         fpn_num_filters=box_predict[-2],
@@ -70,6 +74,13 @@ def read_structure(names: Mapping[str, tuple[int, ...]]) -> Structure:
         weighted_fusion=any(re.search(r"/fnode\d+/WSM(_\d+)?$", n) for n in names),
         num_anchors=num_anchors,
         num_classes=class_predict[-1] // num_anchors)
+
+
+def _check_predictor(name: str, shape: tuple[int, ...], multiple: int) -> None:
+    """A predictor kernel is [kh, kw, in, out] with ``out`` a positive multiple of ``multiple``."""
+    if len(shape) != 4 or shape[-1] <= 0 or shape[-1] % multiple:
+        raise InputError(f"{name} kernel has shape {list(shape)}; expected [kh, kw, in, out] "
+                         f"with out a positive multiple of {multiple}; malformed checkpoint")
 
 
 def detect_config(names: Mapping[str, tuple[int, ...]], variant: str | None = None,

@@ -71,15 +71,28 @@ def _bundle(prefix: Path, given: Path) -> Located:
     raise InputError(f"checkpoint {given} not found (no {prefix}.index)")
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """True if ``path`` (symlinks resolved) lies inside ``directory``."""
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def read_state_file(directory: Path) -> Path:
     """The prefix named by ``directory/checkpoint`` (``model_checkpoint_path``).
 
     A relative path is taken relative to ``directory``; an absolute one that
     does not exist (a checkpoint moved from another machine) falls back to its
-    basename inside ``directory``, as TensorFlow does.
+    basename inside ``directory``, as TensorFlow does. The state file is data
+    from whoever made the folder, so the prefix must stay inside ``directory``:
+    a path that leaves it (``../..``, an absolute path elsewhere, a symlink out)
+    is refused. Pass such a prefix directly to use it.
 
     Raises:
-        InputError: unreadable state file, or no ``model_checkpoint_path`` in it.
+        InputError: unreadable state file, no ``model_checkpoint_path`` in it,
+            or a prefix outside ``directory``.
     """
     state = directory / _STATE_FILE
     try:
@@ -90,12 +103,19 @@ def read_state_file(directory: Path) -> Path:
     if not match:
         raise InputError(f"checkpoint state file {state} has no model_checkpoint_path")
     value = re.sub(r"\\(.)", r"\1", match.group(1))
+    if "\0" in value:
+        raise InputError(f"checkpoint state file {state} names a path with a NUL byte; refused")
     prefix = Path(value)
-    if not prefix.is_absolute():
-        return directory / prefix
-    if _prefix_exists(prefix):
-        return prefix
-    return directory / prefix.name
+    if prefix.is_absolute() and not _prefix_exists(prefix):
+        prefix = Path(prefix.name)
+    candidate = prefix if prefix.is_absolute() else directory / prefix
+    index = candidate.parent / (candidate.name + ".index")
+    if not (_inside(candidate, directory) and _inside(index, directory)):
+        raise InputError(
+            f"checkpoint state file {state} names {value!r}, outside its folder; refused "
+            "(pass that prefix directly if you trust it)"
+        )
+    return candidate
 
 
 def _is_saved_model(directory: Path) -> bool:
@@ -201,46 +221,41 @@ def locate(path: Path) -> Located:
     return _bundle(path, path)
 
 
-def _dir_rank(directory: Path, files: list[str], dirs: list[str]) -> int | None:
-    """Preference of a directory as the checkpoint inside an archive (lower wins)."""
-    if _STATE_FILE in files:
-        return 0
-    if "saved_model.pb" in files or (
-        "variables" in dirs and (directory / "variables" / "variables.index").is_file()
-    ):
-        return 2
-    indexes = [f for f in files if f.endswith(".index")]
-    if len(indexes) == 1:
-        return 1
-    if sum(f.endswith((".h5", ".hdf5")) for f in files) == 1:
-        return 3
-    return None
+def _is_checkpoint_dir(directory: Path, files: list[str], dirs: list[str]) -> bool:
+    """True if a directory holds a checkpoint: a state file, one ``*.index``, a SavedModel or
+    one ``*.h5``."""
+    return (
+        _STATE_FILE in files
+        or "saved_model.pb" in files
+        or ("variables" in dirs and (directory / "variables" / "variables.index").is_file())
+        or sum(f.endswith(".index") for f in files) == 1
+        or sum(f.endswith((".h5", ".hdf5")) for f in files) == 1
+    )
 
 
 def find_in_tree(root: Path) -> Located:
     """Locate the one checkpoint inside an unpacked archive.
 
-    Preference: a folder with a ``checkpoint`` state file, then a folder with
-    one ``*.index``, then a SavedModel, then one ``*.h5``.
+    A folder counts as a checkpoint if it holds a ``checkpoint`` state file,
+    one ``*.index``, a SavedModel or one ``*.h5``. An archive with more than
+    one such folder is refused rather than resolved by a guess.
 
     Raises:
-        InputError: no checkpoint, or several of the same preference.
+        InputError: no checkpoint, or several.
     """
-    candidates: dict[int, list[Path]] = {}
+    found: list[Path] = []
     for current, dirs, files in os.walk(root):
         directory = Path(current)
         if directory.name == "variables" and _is_saved_model(directory.parent):
             continue
-        rank = _dir_rank(directory, files, dirs)
-        if rank is not None:
-            candidates.setdefault(rank, []).append(directory)
-    if not candidates:
+        if _is_checkpoint_dir(directory, files, dirs):
+            found.append(directory)
+    if not found:
         raise InputError(f"no checkpoint found inside the unpacked archive {root}")
-    best = candidates[min(candidates)]
-    if len(best) > 1:
-        shown = ", ".join(str(p.relative_to(root)) for p in sorted(best)[:4])
+    if len(found) > 1:
+        shown = ", ".join(str(p.relative_to(root)) for p in sorted(found)[:4])
         raise InputError(
-            f"archive unpacked at {root} holds {len(best)} checkpoints ({shown}); "
-            "unpack it and pass one"
+            f"archive unpacked at {root} holds {len(found)} checkpoints ({shown}"
+            f"{', ...' if len(found) > 4 else ''}); unpack it and pass one"
         )
-    return locate_in_dir(best[0])
+    return locate_in_dir(found[0])

@@ -26,7 +26,7 @@ import torch
 from model import EfficientDet
 from model.config import DetConfig
 from model.efficientnet_config import BACKBONES, stage_repeats
-from model.weights_io import atomic_path
+from model.weights_io import DestinationError, atomic_path, check_destination
 
 from .errors import MappingError, OutputError
 
@@ -141,11 +141,16 @@ def save_effdet(model: EfficientDet, path: str | Path, force: bool = False) -> P
     path = Path(path)
     if path.suffix.lower() not in (".pth", ".pt"):
         raise OutputError(f"{path}: an effdet state_dict is written as .pth or .pt")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: output folder {path.parent} does not exist")
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite")
+    try:
+        check_destination(path, overwrite=force)
+    except DestinationError as error:
+        raise OutputError(str(error)) from None
     state_dict = effdet_state_dict(model)
-    with atomic_path(path) as tmp_name:
-        torch.save(state_dict, tmp_name)
+    try:
+        with atomic_path(path, overwrite=force) as tmp_name:
+            torch.save(state_dict, tmp_name)
+    except DestinationError as error:
+        raise OutputError(str(error)) from None
+    except (OSError, RuntimeError) as error:  # torch's writer reports ENOSPC as RuntimeError
+        raise OutputError(f"cannot write {path}: {error}") from None
     return path

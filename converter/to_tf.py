@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +27,7 @@ from mappings.layouts import to_tf
 from mappings.rules import EMA_SUFFIX
 from mappings.table import is_pt_only
 from model.config import DetConfig
+from model.temp_files import sweep_stale, temp_dir
 
 from .errors import MappingError, NonFiniteError, OutputError
 
@@ -153,7 +153,7 @@ def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         os.replace(staging, out_dir)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    aside = temp_dir(out_dir.parent, out_dir.name + ".old")
     os.replace(out_dir, aside / "replaced")
     try:
         os.replace(staging, out_dir)
@@ -172,9 +172,9 @@ def write_tf_checkpoint(tensors: Mapping[str, np.ndarray], out_dir: str | Path,
     ``out_dir`` is replaced only with ``force``; a failed write leaves nothing behind."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
+    sweep_stale(out_dir.parent)  # staging folders of killed runs
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
-                                        dir=out_dir.parent))
+        staging = temp_dir(out_dir.parent, out_dir.name)
     except OSError as error:
         raise OutputError(f"{out_dir}: cannot write beside it ({error})") from None
     try:

@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from model.config import VARIANTS, get_config
+from model.config import get_config
+from model.registry import VARIANTS
 
 from .table import mapping_table, table_path
 

@@ -34,8 +34,12 @@ def to_tf(tensor: torch.Tensor, layout: Layout) -> np.ndarray:
 
 
 def pt_shape(tf_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    """The PyTorch shape of a TF shape; a shape of another rank than the layout's is returned
+    unchanged (it then cannot match)."""
     permutation = _PERMUTATIONS.get(layout)
-    return tuple(tf_shape[i] for i in permutation) if permutation else tuple(tf_shape)
+    if not permutation or len(tf_shape) != len(permutation):
+        return tuple(tf_shape)
+    return tuple(tf_shape[i] for i in permutation)
 
 
 def tf_shape(torch_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:

@@ -96,12 +96,43 @@ SCOPE_TO_TF: tuple[tuple[str, str], ...] = (
     (r"\.", "/"),
 )
 
-# TF variables a converter reads past, each with its reason.
+# Checkpoint entries a converter reads past, pattern -> reason; the conversion report counts them
+# per reason. Patterns match TF1 variable names (name-based checkpoints) and TF2 object-based
+# checkpoint keys (``<object path>/.ATTRIBUTES/VARIABLE_VALUE``) alike. automl trains with
+# optimizer 'sgd' or 'adam' (hparams_config.py:213): TF1 tf.train.MomentumOptimizer /
+# AdamOptimizer (det_model_fn.py:379-384), TF2 Keras SGD(momentum) / Adam
+# (tf2/train_lib.py:176-199), wrapped in tfa MovingAverage ('average' slots, inner optimizer
+# 'awg_optimizer') and optionally LossScaleOptimizer ('inner_optimizer', 'loss_scale'). Anything
+# else stays a model tensor and must map, so an unknown extra tensor still fails the conversion.
+_TF2_SLOT = r"/\.OPTIMIZER_SLOT/optimizer/(?:[^/]+/)*"
 IGNORED_TF: dict[str, str] = {
-    r"/Momentum$": "optimizer slot (MomentumOptimizer)",
+    # TF1 name-based: slots are <variable>/<optimizer name>[_N], accumulators live at the root.
+    r"/Momentum$": "optimizer slot (TF1 Momentum)",
+    r"/Adam(_1)?$": "optimizer slot (TF1 Adam m, v)",
+    r"(^|/)beta[12]_power$": "optimizer accumulator (TF1 Adam beta1_power, beta2_power)",
     r"^global_step$": "training step counter",
-    r"(^|/)head/": "EfficientNet classification head (not part of the detector)",
+    # TF2 object-based: slots are <variable path>/.OPTIMIZER_SLOT/<optimizer path>/<slot>.
+    _TF2_SLOT + r"momentum/": "optimizer slot (Keras SGD momentum)",
+    _TF2_SLOT + r"(m|v|vhat)/": "optimizer slot (Keras Adam m, v)",
+    _TF2_SLOT + r"average/": "optimizer slot (tfa MovingAverage 'average': EMA copy; the model "
+                             "entries already hold the averaged weights)",
+    r"^optimizer/": "optimizer state (iterations, hyper-parameters, loss scale)",
+    r"^save_counter/": "tf.train.Checkpoint save counter",
+    r"^_CHECKPOINTABLE_OBJECT_GRAPH$": "TF2 object graph (read to derive TF1 names)",
+    # Not optimizer state: the EfficientNet classification head (TF1 scope head/, TF2 key _head/),
+    # which automl's SavedModel export creates while tracing its signatures.
+    r"(^|/)_?head/": "EfficientNet classification head (not part of the detector)",
 }
+
+
+def ignore_reason(name: str) -> str | None:
+    """Why ``name`` (a TF1 variable name or a TF2 checkpoint key) is read past, or None."""
+    for pattern, reason in IGNORED_TF.items():
+        if re.search(pattern, name):
+            return reason
+    return None
+
+
 # PyTorch state_dict entries with no TF counterpart.
 PT_ONLY: dict[str, str] = {
     r"num_batches_tracked$": "PyTorch BN counter (unused with momentum set)",

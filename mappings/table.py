@@ -102,7 +102,8 @@ def read_table(path: Path) -> list[MappingEntry]:
 def table_for(config) -> list[MappingEntry]:
     """The table of ``config``: the committed one when the config is a released variant (the
     input size does not change any variable), else generated from the rules."""
-    from model.config import VARIANTS, get_config
+    from model.config import get_config
+    from model.registry import VARIANTS
     path = table_path(config.name)
     if config.name in VARIANTS and path.is_file() and \
             config == get_config(config.name, image_size=config.image_size):

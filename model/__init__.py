@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .config import VARIANTS, DetConfig, get_config
+    from .config import DetConfig, get_config, release_config
     from .efficientdet import EfficientDet, flatten_outputs
+    from .registry import RELEASES, VARIANTS
 
 _LAZY = {"EfficientDet": ".efficientdet", "flatten_outputs": ".efficientdet",
-         "DetConfig": ".config", "VARIANTS": ".config", "get_config": ".config"}
+         "DetConfig": ".config", "get_config": ".config", "release_config": ".config",
+         "RELEASES": ".registry", "VARIANTS": ".registry"}
 
-__all__ = ["EfficientDet", "DetConfig", "VARIANTS", "get_config", "flatten_outputs",
-           "__version__"]
+__all__ = ["EfficientDet", "DetConfig", "RELEASES", "VARIANTS", "get_config", "release_config",
+           "flatten_outputs", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -37,3 +37,41 @@ def decode_boxes(deltas: Tensor, anchors_yxyx: Tensor) -> Tensor:
     xcenter = tx * wa + xcenter_a
     return torch.stack(
         [ycenter - h / 2.0, xcenter - w / 2.0, ycenter + h / 2.0, xcenter + w / 2.0], dim=-1)
+
+
+# automl's FasterRcnnBoxCoder clamps sizes at this value before dividing and taking logs.
+_ENCODE_EPSILON = 1e-8
+
+
+# Port of automl efficientdet/object_detection/faster_rcnn_box_coder.py::FasterRcnnBoxCoder._encode
+# @ 6a54c87 (scale_factors=None, as tf2/anchors.py::AnchorLabeler builds it)
+def encode_boxes(boxes_yxyx: Tensor, anchors_yxyx: Tensor) -> Tensor:
+    """Regression targets ``(ty, tx, th, tw)`` of boxes relative to anchors (inverse of
+    :func:`decode_boxes`).
+
+    Args:
+        boxes_yxyx: ``[..., 4]`` boxes ``(ymin, xmin, ymax, xmax)`` in network-input pixels.
+        anchors_yxyx: ``[..., 4]`` anchors, broadcastable against ``boxes_yxyx``.
+
+    Returns:
+        ``[..., 4]``: ``ty = (yc - yc_a) / ha``, ``tx = (xc - xc_a) / wa``, ``th = log(h / ha)``,
+        ``tw = log(w / wa)``, with heights and widths clamped below at 1e-8 as automl does.
+    """
+    anchors = anchors_yxyx.to(device=boxes_yxyx.device, dtype=boxes_yxyx.dtype)
+    ycenter_a, xcenter_a, ha, wa = _centers_and_sizes(anchors)
+    ycenter, xcenter, h, w = _centers_and_sizes(boxes_yxyx)
+    ha, wa = ha.clamp(min=_ENCODE_EPSILON), wa.clamp(min=_ENCODE_EPSILON)
+    h, w = h.clamp(min=_ENCODE_EPSILON), w.clamp(min=_ENCODE_EPSILON)
+    tx = (xcenter - xcenter_a) / wa
+    ty = (ycenter - ycenter_a) / ha
+    tw = torch.log(w / wa)
+    th = torch.log(h / ha)
+    return torch.stack([ty, tx, th, tw], dim=-1)
+
+
+def _centers_and_sizes(boxes_yxyx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """automl ``BoxList.get_center_coordinates_and_sizes``: ``(yc, xc, h, w)`` in its op order."""
+    ymin, xmin, ymax, xmax = boxes_yxyx.unbind(-1)
+    width = xmax - xmin
+    height = ymax - ymin
+    return ymin + height / 2.0, xmin + width / 2.0, height, width

@@ -2,7 +2,8 @@
 
 Field names are automl's (hparams_config.py), so a value can be checked against an automl
 config or a reference manifest by name. Only what differs from the default is written per
-variant, as in automl's ``efficientdet_model_param_dict``.
+variant (``model.registry.VARIANTS``), as in automl's ``efficientdet_model_param_dict``, and per
+release (``model.registry.RELEASES``).
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+from .registry import RELEASES, VARIANTS
+
 ImageSize = Union[int, str, Sequence[int]]
 AspectRatio = Union[float, tuple[float, float]]
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)   # 255 * (0.485, 0.456, 0.406)
 IMAGENET_STDDEV_RGB = (58.395, 57.12, 57.375)   # 255 * (0.229, 0.224, 0.225)
-LITE_MEAN_RGB = 127.0                           # hparams_config.py efficientdet-lite*
-LITE_STDDEV_RGB = 128.0
-ADVPROP_MEAN_RGB = 127.5                        # AdvProp checkpoints take inputs in [-1, 1]
-ADVPROP_STDDEV_RGB = 127.5
 
 FUSION_METHODS = ("fastattn", "attn", "sum", "channel_attn", "channel_fastattn")
 
@@ -70,6 +69,7 @@ class DetConfig:
     # Input normalisation (dataloader.py): (x - mean_rgb) / stddev_rgb.
     mean_rgb: tuple[float, ...] | float = IMAGENET_MEAN_RGB
     stddev_rgb: tuple[float, ...] | float = IMAGENET_STDDEV_RGB
+    scale_range: bool = False                       # then x * 2 / 255 - 1 after the zero-pad
     # Evaluation NMS (hparams_config.py nms_configs); see model.postprocess.NmsConfig.
     nms_configs: Mapping[str, Any] = field(default_factory=lambda: {
         "method": "gaussian", "iou_thresh": None, "score_thresh": 0.0, "sigma": None,
@@ -121,52 +121,6 @@ class DetConfig:
         return cls(**values)
 
 
-# Deltas from the default per released variant (hparams_config.py efficientdet_model_param_dict
-# and efficientdet_lite_param_dict @ 6a54c87).
-_LITE = dict(act_type="relu6", fpn_weight_method="sum", mean_rgb=LITE_MEAN_RGB,
-             stddev_rgb=LITE_STDDEV_RGB)
-VARIANTS: dict[str, dict[str, Any]] = {
-    "efficientdet-d0": dict(backbone_name="efficientnet-b0", image_size=512, fpn_num_filters=64,
-                            fpn_cell_repeats=3, box_class_repeats=3),
-    "efficientdet-d1": dict(backbone_name="efficientnet-b1", image_size=640, fpn_num_filters=88,
-                            fpn_cell_repeats=4, box_class_repeats=3),
-    "efficientdet-d2": dict(backbone_name="efficientnet-b2", image_size=768, fpn_num_filters=112,
-                            fpn_cell_repeats=5, box_class_repeats=3),
-    "efficientdet-d3": dict(backbone_name="efficientnet-b3", image_size=896, fpn_num_filters=160,
-                            fpn_cell_repeats=6, box_class_repeats=4),
-    "efficientdet-d4": dict(backbone_name="efficientnet-b4", image_size=1024, fpn_num_filters=224,
-                            fpn_cell_repeats=7, box_class_repeats=4),
-    "efficientdet-d5": dict(backbone_name="efficientnet-b5", image_size=1280, fpn_num_filters=288,
-                            fpn_cell_repeats=7, box_class_repeats=4),
-    "efficientdet-d6": dict(backbone_name="efficientnet-b6", image_size=1280, fpn_num_filters=384,
-                            fpn_cell_repeats=8, box_class_repeats=5, fpn_weight_method="sum"),
-    "efficientdet-d7": dict(backbone_name="efficientnet-b6", image_size=1536, fpn_num_filters=384,
-                            fpn_cell_repeats=8, box_class_repeats=5, anchor_scale=5.0,
-                            fpn_weight_method="sum"),
-    "efficientdet-d7x": dict(backbone_name="efficientnet-b7", image_size=1536, fpn_num_filters=384,
-                             fpn_cell_repeats=8, box_class_repeats=5, anchor_scale=4.0,
-                             max_level=8, fpn_weight_method="sum"),
-    "efficientdet-lite0": dict(backbone_name="efficientnet-lite0", image_size=320,
-                               fpn_num_filters=64, fpn_cell_repeats=3, box_class_repeats=3,
-                               anchor_scale=3.0, **_LITE),
-    "efficientdet-lite1": dict(backbone_name="efficientnet-lite1", image_size=384,
-                               fpn_num_filters=88, fpn_cell_repeats=4, box_class_repeats=3,
-                               anchor_scale=3.0, **_LITE),
-    "efficientdet-lite2": dict(backbone_name="efficientnet-lite2", image_size=448,
-                               fpn_num_filters=112, fpn_cell_repeats=5, box_class_repeats=3,
-                               anchor_scale=3.0, **_LITE),
-    "efficientdet-lite3": dict(backbone_name="efficientnet-lite3", image_size=512,
-                               fpn_num_filters=160, fpn_cell_repeats=6, box_class_repeats=4,
-                               **_LITE),
-    "efficientdet-lite3x": dict(backbone_name="efficientnet-lite3", image_size=640,
-                                fpn_num_filters=200, fpn_cell_repeats=6, box_class_repeats=4,
-                                anchor_scale=3.0, **_LITE),
-    "efficientdet-lite4": dict(backbone_name="efficientnet-lite4", image_size=640,
-                               fpn_num_filters=224, fpn_cell_repeats=7, box_class_repeats=4,
-                               **_LITE),
-}
-
-
 def get_config(name: str, **overrides: Any) -> DetConfig:
     """The config of a released variant, with automl-named fields overridden.
 
@@ -177,3 +131,13 @@ def get_config(name: str, **overrides: Any) -> DetConfig:
     except KeyError:
         raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
     return DetConfig(name=name, **{**deltas, **overrides})
+
+
+def release_config(release: str, **overrides: Any) -> DetConfig:
+    """The config a published checkpoint was trained and evaluated with (its variant's, plus
+    the release's own input size and normalisation), with automl-named fields overridden."""
+    try:
+        entry = RELEASES[release]
+    except KeyError:
+        raise KeyError(f"unknown release {release!r}; known: {', '.join(RELEASES)}") from None
+    return get_config(entry.variant, **{**entry.config, **overrides})

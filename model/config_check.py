@@ -27,7 +27,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "num_scales": (1, 16),
 }
 BOOL_FIELDS = ("separable_conv", "apply_bn_for_resampling", "conv_after_downsample",
-               "conv_bn_act_pattern")
+               "conv_bn_act_pattern", "scale_range")
 CHOICES: dict[str, tuple[str, ...]] = {
     "backbone_name": tuple(BACKBONES),
     "fpn_name": ("bifpn",),
@@ -109,6 +109,11 @@ SPECIAL: dict[str, Callable[[Any], None]] = {
     "survival_prob": lambda v: _check_fraction("survival_prob", v, optional=True),
     "moving_average_decay": lambda v: _check_fraction("moving_average_decay", v),
 }
+
+
+def checked_fields() -> set[str]:
+    """The config fields :func:`check_field` has a rule for (a test keeps it equal to DetConfig's)."""
+    return {*INT_RANGES, *BOOL_FIELDS, *CHOICES, *SPECIAL, "name"}
 
 
 def check_field(field: str, value: Any) -> None:

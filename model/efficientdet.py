@@ -250,7 +250,8 @@ class EfficientDet(nn.Module):
             for start in range(0, len(inputs), batch_size):
                 pixels = [decode(image) for image in inputs[start:start + batch_size]]
                 batch, scales = preprocess_batch(pixels, self.config.image_size,
-                                                 self.config.mean_rgb, self.config.stddev_rgb)
+                                                 self.config.mean_rgb, self.config.stddev_rgb,
+                                                 self.config.scale_range)
                 class_outputs, box_outputs = self(batch.to(device))
                 cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
                 dets = run_postprocess(postprocess, cls_logits, box_deltas,

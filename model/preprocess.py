@@ -3,7 +3,9 @@
 Order (automl ``dataloader.InputProcessor`` as ``EfficientDetModel._preprocessing`` runs it):
 cast to float32 -> ``(x - mean_rgb) / stddev_rgb`` -> scale ``min(H_t/h, W_t/w)`` -> bilinear resize to
 ``(int(h*scale), int(w*scale))`` -> zero-pad bottom/right to ``(H_t, W_t)`` (zero in *normalised*
-space, i.e. the mean colour). Boxes are mapped back with ``image_scale_to_original = 1/scale``.
+space, i.e. the mean colour) -> with ``scale_range`` (AdvProp checkpoints) ``x * 2 / 255 - 1``
+(dataloader.py, after the pad, so the padding becomes -1). Boxes are mapped back with
+``image_scale_to_original = 1/scale``.
 
 Measured facts this module is built on (TF 2.21, tests/test_preprocess.py):
 
@@ -139,6 +141,14 @@ def _channel_tensor(stats: ChannelStats, like: Tensor, name: str) -> Tensor:
     return values.reshape(3, 1, 1)
 
 
+# Port of automl efficientdet/dataloader.py::InputProcessor.normalize_image @ 6a54c87
+def normalize(image: Tensor, mean_rgb: ChannelStats, stddev_rgb: ChannelStats) -> Tensor:
+    """``(x - mean_rgb) / stddev_rgb`` of a float ``[3, H, W]`` tensor (per channel or scalar)."""
+    mean = _channel_tensor(mean_rgb, image, "mean_rgb")
+    stddev = _channel_tensor(stddev_rgb, image, "stddev_rgb")
+    return (image - mean) / stddev
+
+
 # Port of automl efficientdet/dataloader.py::InputProcessor.set_scale_factors_to_output_size @ 6a54c87
 def scale_factors(image_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int, float]:
     """Resized ``(height, width)`` and the float32 ``image_scale`` automl computes.
@@ -195,6 +205,7 @@ def resize_and_pad(
     target_hw: tuple[int, int],
     mean_rgb: ChannelStats,
     stddev_rgb: ChannelStats,
+    scale_range: bool = False,
 ) -> tuple[Tensor, float]:
     """Preprocess one RGB image for the network the way automl's inference does.
 
@@ -204,21 +215,23 @@ def resize_and_pad(
         target_hw: network input ``(H_t, W_t)``.
         mean_rgb, stddev_rgb: a scalar (lite: 127.0 / 128.0) or one value per RGB channel
             (imagenet: ``[123.675, 116.28, 103.53]`` / ``[58.395, 57.12, 57.375]``).
+        scale_range: automl's ``scale_range`` hparam: map the padded result to ``x * 2 / 255 - 1``
+            (AdvProp checkpoints, with mean 0 and stddev 1: pixels to [-1, 1]).
 
     Returns:
         ``(tensor, image_scale_to_original)``: float32 ``[3, H_t, W_t]`` normalised, resized and
         zero-padded at the bottom/right; and ``1/scale`` (float32 value), the factor that maps
         network-input pixels back to original-image pixels.
     """
-    x = _to_chw_float32(image)
-    mean = _channel_tensor(mean_rgb, x, "mean_rgb")
-    stddev = _channel_tensor(stddev_rgb, x, "stddev_rgb")
-    x = (x - mean) / stddev
+    x = normalize(_to_chw_float32(image), mean_rgb, stddev_rgb)
     scaled_h, scaled_w, scale = scale_factors((x.shape[1], x.shape[2]), target_hw)
     resized = resize_bilinear_tf(x, (scaled_h, scaled_w))
     # pad_to_bounding_box(scaled, 0, 0, H_t, W_t); a scaled size never exceeds the target.
     out = x.new_zeros((3, target_hw[0], target_hw[1]))
     out[:, :scaled_h, :scaled_w] = resized
+    if scale_range:
+        # Port of automl efficientdet/dataloader.py::InputReader.dataset_parser @ 6a54c87
+        out = out * 2.0 / 255 - 1.0
     image_scale_to_original = float(np.float32(1.0) / np.float32(scale))
     return out, image_scale_to_original
 
@@ -228,6 +241,7 @@ def preprocess_batch(
     target_hw: tuple[int, int],
     mean_rgb: ChannelStats,
     stddev_rgb: ChannelStats,
+    scale_range: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`resize_and_pad` for several images of any sizes.
 
@@ -237,7 +251,8 @@ def preprocess_batch(
     """
     if len(images) == 0:
         raise ValueError("preprocess_batch needs at least one image")
-    outputs = [resize_and_pad(image, target_hw, mean_rgb, stddev_rgb) for image in images]
+    outputs = [resize_and_pad(image, target_hw, mean_rgb, stddev_rgb, scale_range)
+               for image in images]
     batch = torch.stack([tensor for tensor, _ in outputs])
     scales = torch.tensor([scale for _, scale in outputs], dtype=torch.float32, device=batch.device)
     return batch, scales

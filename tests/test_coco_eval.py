@@ -232,7 +232,7 @@ def test_results_for_unknown_images_are_rejected(dataset):
     ("[1, 2, 3]", "top level is not an object"),
     ('{"images": [], "annotations": []}', "no 'categories' list"),
     ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1}], '
-     '"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}', "lacks area, iscrowd"),
+     '"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}', "lacks id, area, iscrowd"),
 ])
 def test_bad_annotation_files_raise_annotations_error(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -358,7 +358,9 @@ def test_load_image_converts_grayscale_to_rgb(tmp_path):
 
 def test_official_ap_table_covers_every_released_variant():
     expected = {f"efficientdet-d{i}" for i in range(8)} | {"efficientdet-d7x"} | {
-        f"efficientdet-lite{i}" for i in range(5)}
+        f"efficientdet-lite{i}" for i in range(5)} | {"efficientdet-lite3x"} | {
+        f"efficientdet-d{i}-640" for i in range(2, 7)} | {
+        f"efficientdet-d{i}-advprop" for i in range(6)}
     assert set(coco_lib.OFFICIAL_AP) == expected
     assert coco_lib.OFFICIAL_AP["efficientdet-d0"].ap == 34.3
     assert coco_lib.OFFICIAL_AP["efficientdet-d7x"].ap == 54.4

@@ -173,7 +173,7 @@ def test_json_report(tmp_path, d0_prefix):
     assert report["out"] == str(out) and out.is_file()
     assert report["variant"] == D0
     assert report["converted"] == manifest["counts"]["model"]
-    assert report["ignored"] == {"optimizer slot (MomentumOptimizer)":
+    assert report["ignored"] == {"optimizer slot (TF1 Momentum)":
                                  manifest["counts"]["optimizer_slot"],
                                  "training step counter": manifest["counts"]["step"]}
     assert report["config"]["num_classes"] == 90 and report["config"]["name"] == D0

@@ -273,7 +273,7 @@ def test_tables_up_to_date():
     from click.testing import CliRunner
 
     from mappings import generate
-    from model.config import VARIANTS
+    from model.registry import VARIANTS
     result = CliRunner().invoke(generate.main, ["--check"])
     assert result.exit_code == 0, result.output + result.stderr
     assert f"{len(VARIANTS)} up to date, 0 stale" in result.output

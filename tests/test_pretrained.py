@@ -2,12 +2,15 @@
 (model/efficientdet.py, model/config_check.py, model/weights_io.py)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import pytest
 import torch
 
+from model.config import DetConfig
+from model.config_check import checked_fields
 from model.efficientdet import EfficientDet
 from model.weights_io import load_weights, save_weights
 
@@ -84,6 +87,7 @@ def _metadata() -> dict:
     ({"fpn_num_filters": True}, r"fpn_num_filters"),
     ({"fpn_cell_repeats": 10 ** 6}, r"fpn_cell_repeats: expected an integer in 1\.\.32"),
     ({"separable_conv": 1}, r"separable_conv: expected true/false"),
+    ({"scale_range": "yes"}, r"scale_range: expected true/false"),
     ({"backbone_name": "resnet50"}, r"backbone_name: unknown value"),
     ({"aspect_ratios": []}, r"aspect_ratios"),
     ({"nms_configs": {"method": 3}}, r"nms_configs.method"),
@@ -136,3 +140,7 @@ def test_saved_file_reads_back_as_plain_weights(tmp_path):
     _, metadata = load_weights(path)
     assert json.loads(json.dumps(metadata)) == metadata
     assert metadata["labels"] == {"1": "a", "2": "b"} and metadata["config"]["num_classes"] == 4
+
+
+def test_every_config_field_has_a_validation_rule():
+    assert checked_fields() == {f.name for f in dataclasses.fields(DetConfig)}

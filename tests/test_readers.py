@@ -254,7 +254,8 @@ def test_tf2_emackpt_names_shapes_values(d0_tf1):
     # Everything else is skipped with a reason.
     others = {k["key"] for k in manifest["keys"] if k["role"] != "model"}
     assert set(contents.skipped) == others
-    assert contents.skipped["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == "optimizer state"
+    assert contents.skipped["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == (
+        "optimizer state (iterations, hyper-parameters, loss scale)")
     assert all("average" in contents.skipped[k] for k in others if ".OPTIMIZER_SLOT/" in k)
     # Model entries are the averaged weights = TF1 EMA shadows of the seed-0 synth checkpoint.
     for name in contents.names:

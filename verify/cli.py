@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import click
 
-from verify.cli_utils import CONTEXT_SETTINGS, package_version
+from converter.interrupts import sigterm_as_interrupt
+from verify.cli_utils import CONTEXT_SETTINGS, EXIT_INTERRUPTED, fail, package_version
 from verify.coco_cli import coco
 from verify.parity_cli import parity
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class _InterruptibleGroup(click.Group):
+    """Ctrl-C and SIGTERM end any subcommand with one line and exit code 130 (clean-ups run)."""
+
+    def invoke(self, ctx: click.Context):
+        with sigterm_as_interrupt():
+            try:
+                return super().invoke(ctx)
+            except KeyboardInterrupt:
+                fail("interrupted", EXIT_INTERRUPTED)
+
+
+@click.group(cls=_InterruptibleGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_version(), "--version", prog_name="verify")
 def main() -> None:
     """Verify a PyTorch EfficientDet converted from a google/automl checkpoint."""

@@ -21,6 +21,7 @@ import click
 
 from converter.archive import sha256_file
 from converter.cache import default_cache_dir
+from model.weights_io import DestinationError, check_destination
 from verify import coco as coco_lib
 from verify.cli_utils import (
     CONTEXT_SETTINGS,
@@ -191,6 +192,11 @@ def _check_paths(weights: Path, images: Path, annotations: Path, results_path: P
     for target in (results_path, report_path):
         if target is not None and not target.parent.is_dir():
             fail(f"directory does not exist: {target.parent}")
+        if target is not None:
+            try:  # a read-only folder, /proc or an over-long name fails now, not after the run
+                check_destination(target, overwrite=True)
+            except DestinationError as error:
+                fail(str(error))
 
 
 # Library errors -> exit codes, most specific first: a PredictionError (model output of the

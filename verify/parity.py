@@ -189,7 +189,7 @@ def network_input(model: EfficientDet, reference: Reference) -> tuple[torch.Tens
     from model.preprocess import load_image, preprocess_batch
     config = model.config
     batch, scales = preprocess_batch([load_image(reference.image_file)], config.image_size,
-                                     config.mean_rgb, config.stddev_rgb)
+                                     config.mean_rgb, config.stddev_rgb, config.scale_range)
     check = None
     if reference.input is not None:
         check = compare_tap(reference.input, batch.permute(0, 2, 3, 1).numpy(), INPUT_RTOL)

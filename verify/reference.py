@@ -7,6 +7,7 @@ and the detections of automl's three post-processing paths.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,19 @@ def load_golden(folder: str | Path, stem: str = "golden", search: list[Path] = (
         raise ReferenceError(f"{folder}: no {stem}.json + {stem}.npz golden there")
     try:
         golden = json.loads(json_path.read_text())
-        npz = dict(np.load(npz_path))
-    except (ValueError, OSError) as error:
+        with np.load(npz_path, allow_pickle=False) as archive:
+            npz = dict(archive)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ReferenceError(f"{folder}: unreadable golden ({error})") from None
+    try:
+        return _parse_golden(golden, npz, folder, npz_path, search)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise ReferenceError(f"{folder}: malformed golden ({type(error).__name__}: {error})") \
+            from None
+
+
+def _parse_golden(golden: dict, npz: dict, folder: Path, npz_path: Path,
+                  search: list[Path]) -> Reference:
     taps = []
     for entry in golden.get("taps", []):
         tap = _tap(npz, entry["name"])

@@ -9,6 +9,10 @@ EfficientDet the variable names are the TF1 names, so the dataset
 dropped. A full-model ``.h5`` keeps the same layout under ``model_weights/``.
 Keras 3 ``.weights.h5`` files (``layers/<layer>/vars/<i>``) store no variable
 names and are refused.
+
+An ``.h5`` is data from whoever made it, and HDF5 can make a read reach other
+files: external links, external raw storage and virtual datasets. Files using
+any of them are refused before a value is read.
 """
 
 from __future__ import annotations
@@ -27,7 +31,45 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def _text(value: object) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"attribute entry {value!r} is not a string")
+
+
+def _names(attribute: object, what: str) -> list[str]:
+    """A Keras name-list attribute (``layer_names``, ``weight_names``) as strings."""
+    values = np.asarray(attribute)
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "SUO"):
+        raise ValueError(f"attribute {what} is not a list of names")
+    return [_text(x) for x in values]
+
+
+def check_self_contained(handle) -> None:
+    """Refuse a file whose reads could reach other files.
+
+    Raises:
+        InputError: an external link, a dataset with external storage, or a
+            virtual dataset anywhere in the file.
+    """
+    import h5py  # noqa: PLC0415
+
+    def problem(name: str, link: object) -> str | None:
+        # h5py stops at the first non-None return (raising inside the callback is unsafe)
+        if isinstance(link, h5py.ExternalLink):
+            return f"{name} is an external link to {link.filename}"
+        if isinstance(link, h5py.HardLink):
+            obj = handle[name]
+            if isinstance(obj, h5py.Dataset) and obj.external:
+                return f"dataset {name} uses external storage"
+            if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+                return f"dataset {name} is a virtual dataset"
+        return None
+
+    found = handle.visititems_links(problem)
+    if found:
+        raise InputError(f"{handle.filename}: {found}, which reads other files; refused")
 
 
 def _tf1_name(weight_name: str) -> str:
@@ -41,9 +83,9 @@ def _weight_paths(root) -> dict[str, str]:
     paths: dict[str, str] = {}
     layer_names = root.attrs.get("layer_names")
     if layer_names is not None:
-        for layer in (_text(x) for x in layer_names):
+        for layer in _names(layer_names, "layer_names"):
             group = root[layer]
-            for weight in (_text(x) for x in group.attrs.get("weight_names", [])):
+            for weight in _names(group.attrs.get("weight_names", []), f"{layer}/weight_names"):
                 paths.setdefault(_tf1_name(weight), f"{layer}/{weight}")
         return paths
 
@@ -53,6 +95,13 @@ def _weight_paths(root) -> dict[str, str]:
 
     root.visititems(visit)
     return paths
+
+
+def _shape(dataset: object, where: str) -> tuple[int, ...]:
+    shape = getattr(dataset, "shape", None)
+    if shape is None:
+        raise ValueError(f"{where} is not a dataset")
+    return tuple(int(d) for d in shape)
 
 
 def read_h5(path: Path) -> CheckpointContents:
@@ -74,6 +123,7 @@ def read_h5(path: Path) -> CheckpointContents:
         raise InputError(f"{path} is not an HDF5 file")
     try:
         with h5py.File(path, "r") as handle:
+            check_self_contained(handle)
             root = handle["model_weights"] if "model_weights" in handle else handle
             if "layer_names" not in root.attrs and "layers" in root:
                 raise InputError(
@@ -82,8 +132,8 @@ def read_h5(path: Path) -> CheckpointContents:
                 )
             prefix = "model_weights/" if root is not handle else ""
             paths = {name: prefix + p for name, p in _weight_paths(root).items()}
-            names = {name: tuple(int(d) for d in handle[p].shape) for name, p in paths.items()}
-    except (OSError, KeyError, ValueError) as exc:
+            names = {name: _shape(handle[p], p) for name, p in paths.items()}
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"cannot read HDF5 weights {path}: {exc}") from exc
     if not names:
         raise InputError(f"HDF5 file {path} holds no Keras weights")

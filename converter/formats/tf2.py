@@ -12,10 +12,12 @@ variable name, e.g. ``efficientnet-b0/blocks_3/depthwise_conv2d/depthwise_kernel
 (an optimizer slot's is ``<variable>/average``). The TF1 name of each key is
 read from there; nothing is looked up in a table.
 
-Only model variables are exposed. Skipped, with reasons: the object graph,
-optimizer slots (``.OPTIMIZER_SLOT/...``), optimizer scalars (``optimizer/...``),
+Only model variables are exposed. Skipped, with the reasons of the one ignore list
+``mappings.IGNORED_TF``: the object graph, optimizer slots (``.OPTIMIZER_SLOT/...``:
+SGD momentum, Adam m/v, tfa ``average``), optimizer scalars (``optimizer/...``),
 ``save_counter``, and the 7 EfficientNet classification-head variables that
-automl's SavedModel export creates while tracing its signatures.
+automl's SavedModel export creates while tracing its signatures. An unknown
+optimizer slot is not skipped: it surfaces as an unmatched tensor.
 """
 
 from __future__ import annotations
@@ -26,17 +28,16 @@ from pathlib import Path
 from converter.contents import CheckpointContents
 from converter.errors import InputError
 from converter.formats.tf_bundle import OBJECT_GRAPH_KEY, TensorBundle, import_tensorflow
+from mappings import ignore_reason
 
 __all__ = ["read_object_based", "object_graph_names", "HEAD_REASON"]
 
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _SLOT_MARK = "/.OPTIMIZER_SLOT/"
 
-HEAD_REASON = "EfficientNet classification head traced during export; not part of the detector"
-
-# Head variables: object path ``.../_head/...`` (automl efficientnet_model.Head)
-# or variable name ``head/...`` (its name scope; no backbone prefix in exports).
-_HEAD_KEY_RE = re.compile(r"(^|/)_head/")
+# Head variables: object path ``.../_head/...`` (automl efficientnet_model.Head; in the ignore
+# list) or, for a SavedModel's flat keys, variable name ``head/...`` (its name scope).
+HEAD_REASON = ignore_reason("head/")
 _HEAD_NAME_RE = re.compile(r"(^|/)head/")
 
 # Slots of tfa's MovingAverage wrapper: the EMA shadows.
@@ -87,22 +88,11 @@ def _slot_name(key: str) -> str:
 
 
 def _skip_reason(key: str) -> str | None:
-    """Why a key is not a model entry, or None if it may be one."""
-    if key == OBJECT_GRAPH_KEY:
-        return "TF2 object graph (read to derive TF1 names)"
-    if _SLOT_MARK in key:
-        slot = _slot_name(key)
-        if slot == _AVERAGE_SLOT:
-            return ("optimizer slot 'average' (tfa MovingAverage EMA shadow; stale for BN "
-                    "statistics, the model entry is used)")
-        return f"optimizer slot '{slot}'"
-    if key.startswith("optimizer/"):
-        return "optimizer state"
-    if key.startswith("save_counter/"):
-        return "tf.train.Checkpoint save counter"
-    if not key.endswith(VALUE_SUFFIX):
+    """Why a key is not a model entry (``mappings.IGNORED_TF``), or None if it may be one."""
+    reason = ignore_reason(key)
+    if reason is None and not key.endswith(VALUE_SUFFIX):
         return "not a variable value"
-    return None
+    return reason
 
 
 def read_object_based(bundle: TensorBundle, *, format: str = "tf2") -> CheckpointContents:
@@ -133,7 +123,7 @@ def read_object_based(bundle: TensorBundle, *, format: str = "tf2") -> Checkpoin
             name = full_names.get(key)
             if name is None:
                 reason = "object graph gives no variable name (full_name) for this key"
-            elif _HEAD_KEY_RE.search(key) or _HEAD_NAME_RE.search(name):
+            elif _HEAD_NAME_RE.search(name):
                 reason = HEAD_REASON
             elif name in key_of:
                 reason = f"duplicate TF1 name {name} (already read from {key_of[name]})"

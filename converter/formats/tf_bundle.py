@@ -90,33 +90,97 @@ class TensorBundle:
         return OBJECT_GRAPH_KEY in self.shapes
 
 
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_BYTES = 48
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("bad varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def index_num_shards(index: Path) -> int | None:
+    """``num_shards`` from the bundle header in a checkpoint index, or None if unreadable.
+
+    The index is a LevelDB-format table (uncompressed blocks) whose first entry, under the
+    empty key, is a ``BundleHeaderProto`` with ``num_shards`` as field 1.
+    """
+    try:
+        data = index.read_bytes()
+        footer = data[-_FOOTER_BYTES:]
+        if len(footer) != _FOOTER_BYTES or int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
+            return None
+        _, pos = _varint(footer, 0)                       # metaindex handle: offset
+        _, pos = _varint(footer, pos)                     # ... size
+        index_offset, pos = _varint(footer, pos)          # index block handle
+        block = data[index_offset:]
+        shared, pos = _varint(block, 0)                   # first index entry
+        key_len, pos = _varint(block, pos)
+        _, pos = _varint(block, pos)
+        data_offset, _ = _varint(block, pos + key_len)    # -> first data block handle
+        entry = data[data_offset:]
+        shared, pos = _varint(entry, 0)
+        key_len, pos = _varint(entry, pos)
+        value_len, pos = _varint(entry, pos)
+        if shared or key_len:                             # the header sits under the key ""
+            return None
+        header = entry[pos:pos + value_len]
+        pos = 0
+        while pos < len(header):                          # protobuf fields of the header
+            tag, pos = _varint(header, pos)
+            if tag & 7 != 0:
+                return None
+            value, pos = _varint(header, pos)
+            if tag >> 3 == 1:
+                return value if value > 0 else None
+        return 1 if header == b"" else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def data_shards(prefix: Path) -> list[Path]:
-    """The ``PREFIX.data-*-of-N`` files present, after checking all N exist.
+    """The ``PREFIX.data-*-of-N`` files, after checking all N exist.
+
+    N is the index's ``num_shards``; other ``-of-M`` files beside it (left over from an
+    earlier save) are ignored. Without a readable header the shards found must agree on N.
 
     Raises:
         InputError: no shard, or some of the N shards are missing.
     """
     directory = prefix.parent
     stem = prefix.name + ".data-"
-    found: dict[int, tuple[int, Path]] = {}
+    found: dict[int, dict[int, Path]] = {}  # total -> shard number -> file
     if directory.is_dir():
         for entry in directory.iterdir():
             if not entry.name.startswith(stem):
                 continue
             match = _SHARD_RE.search(entry.name)
             if match and entry.name[: match.start()] == prefix.name:
-                found[int(match.group(1))] = (int(match.group(2)), entry)
+                found.setdefault(int(match.group(2)), {})[int(match.group(1))] = entry
     if not found:
         raise InputError(
             f"checkpoint {prefix} has an index but no data shard ({prefix.name}.data-*) next to it"
         )
-    total = next(iter(found.values()))[0]
-    missing = [i for i in range(total) if i not in found]
+    total = index_num_shards(directory / (prefix.name + ".index"))
+    if total is None:
+        if len(found) > 1:
+            raise InputError(f"checkpoint {prefix} has data shards of {len(found)} different "
+                             f"saves (-of-{', -of-'.join(map(str, sorted(found)))})")
+        total = next(iter(found))
+    shards = found.get(total, {})
+    missing = [i for i in range(total) if i not in shards]
     if missing:
         raise InputError(
             f"checkpoint {prefix} is missing data shard(s) {missing} of {total}"
         )
-    return [found[i][1] for i in range(total)]
+    return [shards[i] for i in range(total)]
 
 
 def _min_data_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any]) -> int:

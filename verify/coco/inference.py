@@ -7,6 +7,7 @@ are sharded over the ranks (:mod:`verify.coco.distributed`), each rank with its 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -23,10 +24,16 @@ import click
 import numpy as np
 from pycocotools.coco import COCO
 
-from verify.coco.data import as_coco, load_image
+from verify.coco.data import as_coco, load_image, run_key
 from verify.coco.distributed import RankGroup
 from verify.coco.errors import ImageError, ResultsError, ResumeError
-from verify.coco.results import DetectionsLike, detections_to_results, result_dicts
+from verify.coco.results import (
+    DetectionsLike,
+    detections_to_results,
+    is_result_rows,
+    result_dicts,
+    results_lock,
+)
 from verify.io_utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -93,8 +100,11 @@ def _header_line(run_info: Mapping[str, Any]) -> str:
 
 def _read_partial(path: Path, run_info: Mapping[str, Any]) -> tuple[dict[int, list[list[float]]], bool]:
     """Finished images from a partial file, and whether a torn last line had to be dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     hint = "delete it or choose another results path"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResumeError(f"cannot read {path}: {exc}; {hint}") from None
     try:
         header = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
@@ -114,6 +124,8 @@ def _read_partial(path: Path, run_info: Mapping[str, Any]) -> tuple[dict[int, li
         try:
             record = json.loads(line)
             image_id, rows = record["image_id"], record["dets"]
+            if not (isinstance(image_id, int) and is_result_rows(rows)):
+                raise TypeError("not an image's detections")
         except (json.JSONDecodeError, KeyError, TypeError):
             if last:  # killed while writing this line: the batch was not finished
                 torn = True
@@ -138,6 +150,30 @@ def run_inference(
     run_info: Mapping[str, Any] | None = None,
     group: RankGroup = SINGLE_PROCESS,
 ) -> InferenceResult:
+    """:func:`_run_inference` while holding a lock on this rank's partial file: a second run
+    with the same results path fails with :class:`ResumeError` instead of corrupting the first
+    one's files."""
+    partial = partial_path_for(results_path, group.rank, group.world_size)
+    with contextlib.ExitStack() as held:
+        with group.agreed():
+            held.enter_context(results_lock(partial))
+        return _run_inference(predict_fn, image_dir, annotations, batch_size=batch_size,
+                              results_path=results_path, max_images=max_images,
+                              progress=progress, run_info=run_info, group=group)
+
+
+def _run_inference(
+    predict_fn: PredictFn,
+    image_dir: str | os.PathLike[str],
+    annotations: str | os.PathLike[str] | COCO,
+    *,
+    batch_size: int,
+    results_path: str | os.PathLike[str],
+    max_images: int | None = None,
+    progress: bool = True,
+    run_info: Mapping[str, Any] | None = None,
+    group: RankGroup = SINGLE_PROCESS,
+) -> InferenceResult:
     """Run ``predict_fn`` over the annotated images and write COCO results JSON.
 
     Images are the annotation file's ``images`` sorted by id (the first ``max_images`` of them),
@@ -146,7 +182,8 @@ def run_inference(
 
     Each finished batch is appended (flushed and fsync'ed) to ``<results>.partial.jsonl``. If that
     file exists when the run starts, its images are skipped; ``run_info`` (JSON-able identity of
-    the run: weights hash, post-processing, ...) is stored in its header and must match to resume.
+    the run: weights hash, post-processing, ...) plus the annotation file's digest and the image
+    list (:func:`~verify.coco.data.run_key`) are stored in its header and must match to resume.
     At the end the results (``[{image_id, category_id, bbox: [x, y, w, h], score}]``, ordered by
     image id) are written atomically to ``results_path`` and the partial file is removed.
     A progress bar goes to stderr when ``progress`` is true.
@@ -173,6 +210,7 @@ def run_inference(
         if not results_path.parent.is_dir():
             raise ResultsError(f"directory of the results file does not exist: {results_path.parent}")
         image_ids = sorted(coco.getImgIds())[:max_images]
+        run_info = {**run_info, **run_key(coco, image_ids)}
         mine = group.shard(image_ids)
         earlier_runs = partial_paths_of_other_runs(results_path, group.world_size)
         done = _resume(partial, earlier_runs, run_info, set(coco.getImgIds()))

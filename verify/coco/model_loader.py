@@ -27,7 +27,7 @@ POSTPROCESS_MODES: tuple[str, ...] = ("per_class", "global", "pyfunc")
 class LoadedModel:
     """A model ready for :func:`run_inference`, with the facts the report records."""
 
-    variant: str
+    variant: str                         # the release name the weights record, else the variant
     image_size: tuple[int, int]          # (H, W) of the network input
     nms_configs: Mapping[str, Any]       # automl-named eval NMS settings of the model config
     predict: PredictFn
@@ -76,4 +76,6 @@ def load_model(weights: str | os.PathLike[str], *, postprocess: str, device: str
         with torch.inference_mode():
             return model.predict(images, postprocess=postprocess, batch_size=len(images))
 
-    return LoadedModel(config.name, tuple(config.image_size), dict(config.nms_configs), predict)
+    # An AdvProp or fixed-640 release shares its variant's config name but not its published AP.
+    name = model.metadata.get("release") or config.name
+    return LoadedModel(name, tuple(config.image_size), dict(config.nms_configs), predict)

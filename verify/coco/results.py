@@ -6,14 +6,19 @@ COCO results use ``bbox = [x, y, width, height]`` in the same pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from converter.locking import LockBusy, file_lock
 from model.postprocess import Detections, to_coco_rows
-from verify.coco.errors import PredictionError
+from verify.coco.errors import PredictionError, ResumeError
 
 
 class DetectionsLike(Protocol):
@@ -71,3 +76,31 @@ def result_dicts(image_id: int, rows: Iterable[Sequence[float]]) -> list[dict[st
     """COCO results dicts of one image from its :func:`detections_to_results` rows."""
     return [{"image_id": image_id, "category_id": int(row[0]), "bbox": list(row[1:5]), "score": row[5]}
             for row in rows]
+
+
+def is_result_rows(rows: object) -> bool:
+    """True for a list of :func:`detections_to_results` rows: ``[category_id, x, y, w, h,
+    score]``, six finite numbers each (what a partial results file must hold)."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    return isinstance(rows, list) and all(
+        isinstance(row, list) and len(row) == 6 and all(map(number, row)) for row in rows)
+
+
+@contextlib.contextmanager
+def results_lock(partial_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``<partial>.lock`` for the block, so two runs never write one partial results file
+    (and the results made from it) at once.
+
+    Raises:
+        ResumeError: another run holds it.
+    """
+    partial_path = Path(partial_path)
+    lock = partial_path.with_name(partial_path.name + ".lock")
+    try:
+        with file_lock(lock, wait=False):
+            yield
+    except LockBusy:
+        raise ResumeError(f"another run is writing {partial_path} (it holds {lock}); wait for "
+                          "it or choose another --results") from None

@@ -1,0 +1,1 @@
+"""Fine-tuning EfficientDet the way automl trains it (``train`` command)."""

@@ -1,0 +1,4 @@
+"""``python -m train`` / ``torchrun -m train``: the ``train`` command."""
+from .cli import main
+
+main()
