@@ -144,3 +144,4 @@ def test_saved_file_reads_back_as_plain_weights(tmp_path):
 
 def test_every_config_field_has_a_validation_rule():
     assert checked_fields() == {f.name for f in dataclasses.fields(DetConfig)}
+
