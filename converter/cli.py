@@ -221,12 +221,6 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
     6 output exists or cannot be written, 7 download failed, 130 interrupted
     (Ctrl-C or SIGTERM; nothing is left behind).
     """
-    from model.weights_io import save_weights
-
-    from .convert import MappingReport, convert_checkpoint
-    from .detect import detect_config
-    from .readers import read_checkpoint
-
     with sigterm_as_interrupt():
         try:
             if to_format is not None:
@@ -246,6 +240,12 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
 def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
              force: bool, cache_dir: Path | None, base_url: str | None, sha256: str | None,
              as_json: bool, quiet: bool) -> None:
+    from model.weights_io import save_weights
+
+    from .convert import MappingReport, convert_checkpoint
+    from .detect import detect_config
+    from .readers import read_checkpoint
+
     started = time.perf_counter()
     try:
         check_output(out, force)
