@@ -5,8 +5,9 @@ import json
 import re
 import sys
 import time
+import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -25,8 +26,31 @@ from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     from model import EfficientDet
+    from model.weights_io import save_weights
 
-    from .convert import MappingReport
+    from .convert import MappingReport, convert_checkpoint
+    from .detect import detect_config
+    from .readers import read_checkpoint
+
+# The conversion machinery (torch, the mapping tables) is imported when a conversion runs, not
+# for --help: these names become module globals on first use (PEP 562), so tests can still
+# replace them with monkeypatch.
+_DEFERRED = {"MappingReport": ".convert", "convert_checkpoint": ".convert",
+             "detect_config": ".detect", "read_checkpoint": ".readers",
+             "save_weights": "model.weights_io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEFERRED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_DEFERRED[name], __package__), name)
+    return globals().setdefault(name, value)
+
+
+def _import_deferred() -> None:
+    for name in _DEFERRED:
+        if name not in globals():
+            __getattr__(name)
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -240,12 +264,7 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
 def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
              force: bool, cache_dir: Path | None, base_url: str | None, sha256: str | None,
              as_json: bool, quiet: bool) -> None:
-    from model.weights_io import save_weights
-
-    from .convert import MappingReport, convert_checkpoint
-    from .detect import detect_config
-    from .readers import read_checkpoint
-
+    _import_deferred()
     started = time.perf_counter()
     try:
         check_output(out, force)

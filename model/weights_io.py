@@ -195,3 +195,12 @@ def check_state_dict(state_dict: Mapping[str, Any], source: str) -> None:
             raise ValueError(f"{source}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{source}: tensor {key} holds NaN or Inf values")
+
+
+def __getattr__(name: str) -> Any:
+    """``model.weights_io.torch`` is torch, imported on first use like everywhere in this module
+    (the command lines import this module for ``--help`` without loading torch)."""
+    if name == "torch":
+        import torch
+        return torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
