@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REF ?= ../shared/reference
 WORK ?= out
+# Extra verify_all flags, e.g. VERIFY_ALL_FLAGS=--optimized to verify through optimize().
+VERIFY_ALL_FLAGS ?=
 
 .PHONY: setup setup-effdet demo test test-quick typecheck verify-all mappings check-mappings bench clean
 
@@ -16,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet tensorflow-cpu==2.21.0  # the version the bit-exact tests assume
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,export]'
 	touch $@
 
 setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
@@ -43,7 +45,7 @@ typecheck: setup  ## mypy over the model package
 	$(PY) -m mypy model
 
 verify-all: setup  ## convert and verify every golden under REF (default ../shared/reference)
-	$(PY) -m verify.verify_all --ref $(REF)
+	$(PY) -m verify.verify_all --ref $(REF) $(VERIFY_ALL_FLAGS)
 
 mappings: setup  ## regenerate mappings/*.tsv from the rules
 	$(PY) -m mappings.generate

@@ -1,50 +1,216 @@
-"""PyTorch network latency on CPU, batch 1, fp32, at each variant's native size.
+"""Inference latency side by side, per variant, in one run: PyTorch eager, ``optimize()``
+(optionally ``torch.compile``d), onnxruntime, and automl's model under ``tf.function`` when an
+automl checkout and TensorFlow are present; plus pre- and post-processing.
 
-Prints ms per image (median of --runs after --warmup) and, for d0/d4, the ratio to automl's
-model under tf.function on 2 cores as measured for this project (d0 ~91 ms, d4 ~1.4 s; these are
-recorded figures, so compare ratios only when measured on the same kind of machine).
+Batch 1 at each variant's native size, random weights unless --weights (the network's latency does
+not depend on them; post-processing's does). The
+paths are timed round-robin (one call of each per round) so that a shared machine's load hits
+them alike; each gets --warmup untimed calls first. Prints a table (median, spread = min..max of
+the middle half, ratio to TF) and writes --json.
+
+    python benchmarks/bench_inference.py --variants efficientdet-d0 --automl-dir ../automl \\
+        --json bench-d0.json
+
+CUDA: ``--device cuda --dtype fp16|bf16`` runs the PyTorch paths in that precision (the ONNX and
+TF paths stay on CPU fp32 and are skipped).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
-from model import EfficientDet
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-TF_FUNCTION_SECONDS = {"efficientdet-d0": 0.091, "efficientdet-d4": 1.4}
+from model import EfficientDet, flatten_outputs  # noqa: E402
+from model.postprocess import NmsConfig, postprocess  # noqa: E402
+from model.preprocess import load_image, preprocess_batch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE = ROOT.parent / "shared" / "reference" / "img1.jpg"
 
 
-def bench(variant: str, runs: int, warmup: int) -> float:
-    model = EfficientDet.from_config(variant).eval()
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_path(module: torch.nn.Module, images: torch.Tensor, device: str) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            module(images)
+        _sync(device)
+    return run
+
+
+def onnx_path(model: EfficientDet, images: torch.Tensor, threads: int, workdir: Path
+              ) -> tuple[Callable[[], None], float]:
+    import onnxruntime as ort
+    from converter.export import export_model
+    path = workdir / f"{model.config.name}.onnx"
+    started = time.perf_counter()
+    export_model(model, "onnx", path)
+    export_seconds = time.perf_counter() - started
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": images.numpy()}
+    return (lambda: session.run(None, feed)), export_seconds
+
+
+def tf_path(model: EfficientDet, threads: int, automl_dir: Path) -> Callable[[], None]:
+    """automl's EfficientDetModel (raw head outputs) under tf.function, NHWC fp32."""
+    from verify.tf_live import (_automl_config, _efficientdet_dir, _import_automl,
+                                _import_tensorflow)
+    tf = _import_tensorflow()
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    automl = _import_automl(_efficientdet_dir(automl_dir))
+    tf_config = _automl_config(automl, model.config)
+    tf.keras.backend.clear_session()
+    net = automl.efficientdet_keras.EfficientDetModel(config=tf_config)
     height, width = model.config.image_size
-    image = torch.randn(1, 3, height, width)
-    times = []
+    net.build((1, height, width, 3))
+    call = tf.function(lambda x: net(x, training=False))
+    images = tf.random.normal((1, height, width, 3))
+
+    def run() -> None:
+        outputs = call(images)
+        tf.nest.map_structure(lambda t: t.numpy(), outputs)
+    return run
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    quarter = len(ordered) // 4
+    middle = ordered[quarter:len(ordered) - quarter] or ordered
+    return {"median_ms": statistics.median(ordered) * 1e3, "low_ms": middle[0] * 1e3,
+            "high_ms": middle[-1] * 1e3, "runs": len(ordered)}
+
+
+def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    model = EfficientDet.from_pretrained(args.weights) if args.weights else \
+        EfficientDet.from_config(variant).eval()
+    height, width = model.config.image_size
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    paths: dict[str, Callable[[], None]] = {}
+    notes: dict[str, float] = {}
+    if "eager" in args.paths:
+        net = model.to(device, dtype)
+        paths["eager"] = torch_path(net, images.to(device, dtype), device)
+    if "optimized" in args.paths:
+        optimized = model.to(device, dtype).optimize()
+        paths["optimized"] = torch_path(optimized, images.to(device, dtype), device)
+    if "compiled" in args.paths:
+        compiled = model.to(device, dtype).optimize(compile=True)
+        started = time.perf_counter()
+        torch_path(compiled, images.to(device, dtype), device)()
+        notes["compile_first_call_s"] = time.perf_counter() - started
+        paths["compiled"] = torch_path(compiled, images.to(device, dtype), device)
+    cpu_fp32 = device == "cpu" and args.dtype == "fp32"
+    if "onnx" in args.paths and cpu_fp32 and importlib.util.find_spec("onnxruntime"):
+        paths["onnxruntime"], notes["onnx_export_s"] = onnx_path(
+            model.to("cpu", torch.float32), images, args.threads, workdir)
+    if "tf" in args.paths and cpu_fp32 and args.automl_dir is not None:
+        paths["tf.function"] = tf_path(model, args.threads, args.automl_dir)
+
+    image = load_image(args.image)
+    nms = NmsConfig.from_dict(model.config.nms_configs)
     with torch.inference_mode():
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(image)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        batch, scales = preprocess_batch([image], model.config.image_size, model.config.mean_rgb,
+                                         model.config.stddev_rgb)
+        cls_logits, box_deltas = flatten_outputs(*model.to("cpu", torch.float32)(batch))
+    anchors = model.anchors.boxes_yxyx
+    paths["preprocess"] = lambda: preprocess_batch([image], model.config.image_size,
+                                                   model.config.mean_rgb, model.config.stddev_rgb)
+    paths["postprocess global"] = lambda: postprocess("global", cls_logits, box_deltas, anchors,
+                                                      model.config.image_size, scales, nms)
+
+    for run in paths.values():
+        for _ in range(args.warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.runs):
+        for name, run in paths.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    results = {name: summarize(values) for name, values in times.items()}
+    reference = results.get("tf.function")
+    for stats in results.values():
+        stats["ratio_to_tf"] = stats["median_ms"] / reference["median_ms"] if reference else None
+    return {"variant": model.config.name, "image_hw": [height, width], "paths": results, **notes}
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["efficientdet-d0", "efficientdet-d4"])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=["efficientdet-d0"])
+    parser.add_argument("--paths", nargs="+", default=["eager", "optimized", "onnx", "tf"],
+                        choices=["eager", "optimized", "compiled", "onnx", "tf"],
+                        help="network paths to time ('compiled' = optimize(compile=True); its "
+                             "first call is reported separately)")
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="PyTorch paths' precision (fp16/bf16 on CUDA)")
+    parser.add_argument("--automl-dir", type=Path, default=os.environ.get("EFFDET_AUTOML_DIR"),
+                        help="google/automl checkout: adds automl's model under tf.function")
+    parser.add_argument("--image", type=Path, default=IMAGE,
+                        help="image for the pre- and post-processing timings")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="converted weights (.pth) for one variant instead of random ones: "
+                             "post-processing time depends on how many anchors pass the score "
+                             "threshold (with random weights all of them)")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = parser.parse_args()
+    if args.dtype != "fp32" and args.device != "cuda":
+        parser.error("--dtype fp16/bf16 is for --device cuda")
+    if args.weights is not None and len(args.variants) != 1:
+        parser.error("--weights goes with one --variants entry")
     torch.set_num_threads(args.threads)
-    for variant in args.variants:
-        seconds = bench(variant, args.runs, args.warmup)
-        line = f"{variant}: {seconds * 1000:.0f} ms/image ({args.threads} threads)"
-        if variant in TF_FUNCTION_SECONDS:
-            line += f", {seconds / TF_FUNCTION_SECONDS[variant]:.2f}x automl tf.function"
-        print(line)
+    report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+              "variants": []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for variant in args.variants:
+            result = bench_variant(variant, args, Path(tmp))
+            report["variants"].append(result)
+            print(f"{result['variant']} {result['image_hw'][0]}x{result['image_hw'][1]}, "
+                  f"{args.threads} threads, {args.runs} runs, load {os.getloadavg()[0]:.1f}")
+            print(f"  {'path':<20} {'median ms':>10} {'spread ms':>17} {'x TF':>6}")
+            for name, stats in result["paths"].items():
+                ratio = f"{stats['ratio_to_tf']:.2f}" if stats["ratio_to_tf"] else "-"
+                print(f"  {name:<20} {stats['median_ms']:>10.1f} "
+                      f"{stats['low_ms']:>8.1f}..{stats['high_ms']:<8.1f} {ratio:>6}")
+            for key in ("compile_first_call_s", "onnx_export_s"):
+                if key in result:
+                    print(f"  {key}: {result[key]:.1f}")
+    report["machine"]["load_avg_end"] = os.getloadavg()
+    if args.json is not None:
+        from model.weights_io import atomic_path
+        with atomic_path(args.json) as tmp_name:
+            Path(tmp_name).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destinatio
 from .archive import sha256_file
 from .download import check_sha256, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
-from .export import EXPORT_FORMATS, export_model
+from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, GRAPH_FORMATS, OUTPUT_KINDS, export_model
 from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -198,8 +198,10 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
               help="Go the other way: --ckpt is PyTorch weights (.pth/.safetensors) and --out "
                    "gets them as 'tf-ckpt' (an automl TF1 checkpoint folder: variables, "
-                   "ExponentialMovingAverage shadows, global_step) or 'effdet' (a .pth state_dict "
-                   "for rwightman's effdet).")
+                   "ExponentialMovingAverage shadows, global_step), 'effdet' (a .pth state_dict "
+                   "for rwightman's effdet) or a graph: 'onnx', 'torchscript', 'torch-export' "
+                   "[default for graphs: from --out's suffix: "
+                   + ", ".join(f"{k} -> {v}" for k, v in EXPORT_SUFFIXES.items()) + "].")
 @click.option("--raw-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --to tf-ckpt: weights for the raw variables (e.g. convert --no-ema of "
                    "the same checkpoint) [default: the --ckpt weights, also the EMA shadows].")
@@ -214,6 +216,12 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
                    "[default: $EFFDET_CACHE or ~/.cache/effdet-tf-port].")
 @click.option("--base-url", default=None, metavar="URL",
               help="Base URL of the release archives [default: $EFFDET_BASE_URL or automl's].")
+@click.option("--outputs", type=click.Choice(list(OUTPUT_KINDS)), default="raw",
+              show_default=True,
+              help="Export: raw head outputs (post-process on the host, any automl path), "
+                   "decoded boxes + sigmoid scores, or nms (ONNX only: automl's global path "
+                   "with hard NMS in the graph).")
+@click.option("--dynamic-batch", is_flag=True, help="Export: leave the batch dimension free.")
 @click.option("--sha256", default=None, metavar="HEX", callback=_parse_sha256,
               help="Expected sha256 of the release archive (checked after the download and on "
                    "every cached reuse) or of the --ckpt file.")
@@ -223,9 +231,8 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.version_option(tool_version(), "--version", prog_name="convert")
 def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
          to_format: str | None, raw_weights: Path | None, global_step: int | None, no_ema: bool,
-         force: bool,
-         cache_dir: Path | None, base_url: str | None, sha256: str | None, as_json: bool,
-         quiet: bool) -> None:
+         force: bool, cache_dir: Path | None, base_url: str | None, outputs: str,
+         dynamic_batch: bool, sha256: str | None, as_json: bool, quiet: bool) -> None:
     """Convert an automl EfficientDet TF checkpoint into PyTorch weights.
 
     \b
@@ -235,6 +242,7 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
       convert --ckpt efficientdet-d0/d0.h5 --out d0.pth
       convert --ckpt d0.pth --to tf-ckpt --out d0-tf      (and back: convert --ckpt d0-tf ...)
       convert --ckpt d0.pth --to effdet --out d0-effdet.pth
+      convert --ckpt d0.pth --out d0.onnx --dynamic-batch       (graph export; also --to)
 
     Every model variable must map to exactly one PyTorch key with the right shape; otherwise
     the unmatched names are listed and nothing is written.
@@ -245,12 +253,21 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
     6 output exists or cannot be written, 7 download failed, 130 interrupted
     (Ctrl-C or SIGTERM; nothing is left behind).
     """
+    to_format = to_format or EXPORT_SUFFIXES.get(out.suffix.lower())
     with sigterm_as_interrupt():
         try:
             if to_format is not None:
+                graph = {"outputs": outputs, "dynamic_batch": dynamic_batch}
+                unused = {"--variant": variant, "--no-ema": no_ema, "--sha256": sha256}
+                if to_format in GRAPH_FORMATS:
+                    if image_size is not None:
+                        graph["image_size"] = parse_image_size(parse_size(image_size))
+                else:
+                    unused.update({"--image-size": image_size, "--outputs": outputs != "raw",
+                                   "--dynamic-batch": dynamic_batch})
+                    graph = {}
                 return _export(Path(ckpt), to_format, out, raw_weights, global_step, force,
-                               as_json, unused={"--variant": variant, "--image-size": image_size,
-                                                "--no-ema": no_ema, "--sha256": sha256})
+                               as_json, unused=unused, graph_options=graph)
             if raw_weights is not None or global_step is not None:
                 raise click.UsageError("--raw-weights and --global-step need --to tf-ckpt")
             _convert(ckpt, out, variant, image_size, no_ema, force, cache_dir, base_url,
@@ -330,12 +347,13 @@ def _load_weights(path: Path) -> EfficientDet:
 
 
 def _export(ckpt: Path, to_format: str, out: Path, raw_weights: Path | None,
-            global_step: int | None, force: bool, as_json: bool, unused: dict) -> None:
+            global_step: int | None, force: bool, as_json: bool, unused: dict,
+            graph_options: dict) -> None:
     """``convert --to``: PyTorch weights -> ``to_format`` through ``export_model``."""
     given = [name for name, value in unused.items() if value]
     if given:
         raise click.UsageError(f"{', '.join(given)} do not apply with --to")
-    options: dict = {"force": force}
+    options: dict = {"force": force, **graph_options}
     if to_format == "tf-ckpt":
         options["global_step"] = global_step
     elif raw_weights is not None or global_step is not None:

@@ -6,6 +6,7 @@ pipeline (resize-and-pad, network, box decoding, one of the three post-processin
 from __future__ import annotations
 
 import warnings
+import weakref
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 Taps = Optional[dict[str, torch.Tensor]]
 ImageInput = Union[str, PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# model -> {input size: (parameter versions, optimized copy)} for predict(fast=True); kept
+# outside the module so it is neither in state_dict nor deep-copied with the model.
+_FAST_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 class EfficientDet(nn.Module):
@@ -197,9 +202,29 @@ class EfficientDet(nn.Module):
             return as_label_map(stored, self.config.num_classes)
         return dict(COCO_LABELS) if self.config.num_classes == COCO_NUM_CLASSES else {}
 
+    def optimize(self, image_size: Optional[Any] = None, channels_last: bool = True,
+                 compile: bool = False) -> nn.Module:
+        """An inference-only copy for one input size (default: the config's) that returns what
+        ``self(images)`` returns: BN folded into the convs, static SAME padding, channels_last,
+        optionally ``torch.compile`` (slow first call; see :mod:`model.optimize`). ``self`` is
+        left untouched."""
+        from .optimize import optimize
+        return optimize(self, image_size, channels_last=channels_last, compile=compile)
+
+    def _fast_forward(self) -> nn.Module:
+        """The ``optimize()``d copy for the config's input size, built once per size and cached;
+        rebuilt when a parameter or buffer changed since (``load_state_dict``, ``.to()``)."""
+        size = tuple(self.config.image_size)
+        version = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cache = _FAST_CACHE.setdefault(self, {})
+        if size not in cache or cache[size][0] != version:
+            cache[size] = (version, self.optimize(size))
+        return cache[size][1]
+
     @torch.no_grad()
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], postprocess: str = "global",
                 batch_size: int = 8, clip_boxes: bool = False, names: bool = False,
+                fast: bool = False,
                 **nms_overrides: Any) -> "Detections":
         """automl's inference pipeline on RGB images; returns one batched ``Detections``.
 
@@ -216,7 +241,8 @@ class EfficientDet(nn.Module):
         ``postprocess`` is ``'global'`` (automl inference), ``'per_class'`` (automl COCO
         evaluation) or ``'pyfunc'`` (automl's numpy soft-NMS); ``nms_overrides`` change
         ``nms_configs`` fields (e.g. ``method='hard'``). The model runs in eval mode (its
-        train/eval mode is restored afterwards).
+        train/eval mode is restored afterwards). ``fast=True`` runs the network through
+        :meth:`optimize` (built on first use, then cached).
 
         Output: boxes ``[N, K, 4]`` (ymin, xmin, ymax, xmax) in original-image pixels, scores
         ``[N, K]``, integer (int64) 1-based class ids ``[N, K]``, ``valid`` ``[N]``. Boxes are
@@ -247,12 +273,13 @@ class EfficientDet(nn.Module):
         self.eval()
         results = []
         try:
+            network = self._fast_forward() if fast else self
             for start in range(0, len(inputs), batch_size):
                 pixels = [decode(image) for image in inputs[start:start + batch_size]]
                 batch, scales = preprocess_batch(pixels, self.config.image_size,
                                                  self.config.mean_rgb, self.config.stddev_rgb,
                                                  self.config.scale_range)
-                class_outputs, box_outputs = self(batch.to(device))
+                class_outputs, box_outputs = network(batch.to(device))
                 cls_logits, box_deltas = flatten_outputs(class_outputs, box_outputs)
                 dets = run_postprocess(postprocess, cls_logits, box_deltas,
                                        self.anchors.boxes_yxyx, self.config.image_size,

@@ -49,12 +49,19 @@ def iou_tf(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     Corners are re-ordered with min/max (so ``yxyx`` and ``xyxy`` give the same value), areas use no
     +1, and a box with non-positive area has IoU 0 with everything. float32 in, float32 out.
     """
-    lo_a = torch.minimum(boxes_a[..., :2], boxes_a[..., 2:])
-    hi_a = torch.maximum(boxes_a[..., :2], boxes_a[..., 2:])
-    lo_b = torch.minimum(boxes_b[..., :2], boxes_b[..., 2:])
-    hi_b = torch.maximum(boxes_b[..., :2], boxes_b[..., 2:])
-    area_a = (hi_a[..., 0] - lo_a[..., 0]) * (hi_a[..., 1] - lo_a[..., 1])
-    area_b = (hi_b[..., 0] - lo_b[..., 0]) * (hi_b[..., 1] - lo_b[..., 1])
+    return _iou_geometry(*box_geometry(boxes_a), *box_geometry(boxes_b))
+
+
+def box_geometry(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lo [..., 2], hi [..., 2], area [...])`` of ``[..., 4]`` boxes as :func:`iou_tf` uses them
+    (computed once per candidate where the NMS loop compares one pick with many rows)."""
+    lo = torch.minimum(boxes[..., :2], boxes[..., 2:])
+    hi = torch.maximum(boxes[..., :2], boxes[..., 2:])
+    return lo, hi, (hi[..., 0] - lo[..., 0]) * (hi[..., 1] - lo[..., 1])
+
+
+def _iou_geometry(lo_a: Tensor, hi_a: Tensor, area_a: Tensor, lo_b: Tensor, hi_b: Tensor,
+                  area_b: Tensor) -> Tensor:
     extent = (torch.minimum(hi_a, hi_b) - torch.maximum(lo_a, lo_b)).clamp(min=0.0)
     intersection = extent[..., 0] * extent[..., 1]
     iou = intersection / (area_a + area_b - intersection)
@@ -96,6 +103,11 @@ def _group_argbest(key: Tensor, valid: Tensor, groups: Tensor, num_groups: int,
     ``order``; ``len(key)`` (a sentinel) for groups without valid rows. Returns ``[num_groups]``."""
     n = key.numel()
     masked = torch.where(valid, key, torch.full_like(key, -math.inf))
+    if num_groups == 1:    # same result with fewer ops (the global path's one group per image)
+        chosen = valid & (masked == masked.max())
+        sentinel = torch.iinfo(torch.int64).max
+        first = torch.where(chosen, order, torch.full_like(order, sentinel)).argmin()
+        return torch.where(chosen.any(), first, torch.full_like(first, n)).reshape(1)
     best = torch.full((num_groups,), -math.inf, dtype=key.dtype, device=key.device)
     best = best.scatter_reduce(0, groups, masked, "amax")
     is_best = valid & (masked == best[groups])
@@ -172,11 +184,15 @@ def batched_non_max_suppression_v5(
     current = torch.cat([initial, scores.new_zeros(1)])
     alive = torch.ones(num + 1, dtype=torch.bool, device=device)
     alive[num] = False
+    geometry = box_geometry(box)
 
     def suppress(lo: int, hi: int, pick: Tensor) -> None:
         """Apply the selection ``pick`` ([G] rows) to the sorted rows ``lo:hi``."""
         rows = slice(lo, hi)
-        iou = iou_tf(box[rows], box[pick][group[rows]])
+        picked = [part[pick] for part in geometry]
+        if num_groups > 1:      # one group: its pick broadcasts over the rows
+            picked = [part[group[rows]] for part in picked]
+        iou = _iou_geometry(*(part[rows] for part in geometry), *picked)
         if soft:
             decayed = current[rows] * _exp_f32(scale * iou * iou)
             current[rows] = torch.where(alive[rows], decayed, current[rows])

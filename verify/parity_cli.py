@@ -45,11 +45,15 @@ from verify.io_utils import atomic_write_text
 @device_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print the full comparison as JSON on stdout instead of the table.")
+@click.option("--optimized", is_flag=True,
+              help="Run the network through EfficientDet.optimize() (BN folded, static "
+                   "padding, channels_last) instead of the model as loaded.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path | None,
            automl_dir: Path | None, image_size: str | None, image: Path | None,
            report_path: Path | None,
-           plot_path: Path | None, device: str, as_json: bool, quiet: bool) -> None:
+           plot_path: Path | None, device: str, as_json: bool, optimized: bool,
+           quiet: bool) -> None:
     """Compare converted weights with TF at every tap and on the final detections.
 
     \b
@@ -107,8 +111,9 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    network = model.to(device).optimize() if optimized else model
     with library_errors(FileNotFoundError):
-        report = run_parity(model, reference, str(weights), source, device)
+        report = run_parity(network, reference, str(weights), source, device)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1, default=str))
     elif not quiet:

@@ -53,7 +53,7 @@ def find_cases(ref: Path, manifests: list[Path]) -> list[Case]:
     return cases
 
 
-def run_case(case: Case, synth: Path, work: Path) -> dict:
+def run_case(case: Case, synth: Path, work: Path, parity_flags: tuple[str, ...] = ()) -> dict:
     started = time.perf_counter()
     ckpt = work / case.name.replace(" ", "_") / "model.ckpt"
     weights = ckpt.parent / "weights.pth"
@@ -64,7 +64,7 @@ def run_case(case: Case, synth: Path, work: Path) -> dict:
         [sys.executable, "-m", "converter", "--ckpt", str(ckpt.parent), "--out", str(weights),
          "--quiet", "--force"],
         [sys.executable, "-m", "verify", "parity", "--weights", str(weights), "--golden",
-         str(case.folder), "--golden-name", case.stem, "--report", str(report), "--quiet"],
+         str(case.folder), "--golden-name", case.stem, "--report", str(report), "--quiet", *parity_flags],
     ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
@@ -95,10 +95,12 @@ def run_case(case: Case, synth: Path, work: Path) -> dict:
               help="synth_ckpt.py to write checkpoints with [default: found beside --ref "
                    "or the manifests].")
 @click.option("--only", multiple=True, help="Run only these case names (repeatable).")
+@click.option("--optimized", is_flag=True,
+              help="Verify through EfficientDet.optimize() (verify parity --optimized).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where checkpoints and reports go [default: a temporary folder].")
 def main(ref: Path, manifests: tuple[Path, ...], synth: Path | None, only: tuple[str, ...],
-         work_dir: Path | None) -> None:
+         optimized: bool, work_dir: Path | None) -> None:
     """Convert and verify every golden under --ref; one summary table; exit 1 on any failure."""
     cases = [c for c in find_cases(ref, list(manifests)) if not only or c.name in only]
     if not cases:
@@ -112,7 +114,7 @@ def main(ref: Path, manifests: tuple[Path, ...], synth: Path | None, only: tuple
         work = Path(work_dir or tmp)
         rows = []
         for case in cases:
-            row = run_case(case, synth, work)
+            row = run_case(case, synth, work, ("--optimized",) if optimized else ())
             rows.append(row)
             click.echo(f"{'ok  ' if row['ok'] else 'FAIL'} {row['name']} "
                        f"({row['seconds']:.0f} s)", err=True)

@@ -1,0 +1,132 @@
+"""``EfficientDet.optimize()`` returns what the model returns, and leaves the model alone.
+
+Models get random BN statistics (fresh ones are identities, which would fold to nothing).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model import EfficientDet
+from model.optimize import OptimizedEfficientDet, StaticSameConv2d, fold_bn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Folding reorders float32 arithmetic: measured ~1e-6 of each output's scale (d0, lite0).
+OUTPUT_RTOL = 1e-5
+# A size whose levels go odd (200 -> 100 -> 50 -> 25 -> 13): symmetric and asymmetric SAME pads.
+NON_SQUARE = (200, 264)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(count, generator=generator) * 1.5 + 0.3)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.1)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _model(variant: str, image_size: tuple[int, int] | None) -> EfficientDet:
+    torch.manual_seed(0)
+    overrides = {} if image_size is None else {"image_size": image_size}
+    return randomize_bn(EfficientDet.from_config(variant, **overrides)).eval()
+
+
+def _max_rel_error(actual, expected) -> float:
+    return max(((a - e).abs().max() / e.abs().max()).item()
+               for a, e in zip(actual[0] + actual[1], expected[0] + expected[1]))
+
+
+@pytest.mark.parametrize("variant", ["efficientdet-d0", "efficientdet-lite0"])
+@pytest.mark.parametrize("image_size", [None, NON_SQUARE], ids=["default", "non_square"])
+def test_optimized_outputs_equal_the_model(variant, image_size):
+    model = _model(variant, image_size)
+    height, width = model.config.image_size
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+        actual = model.optimize()(images)
+    assert [t.shape for t in actual[0] + actual[1]] == [t.shape for t in expected[0] + expected[1]]
+    assert _max_rel_error(actual, expected) < OUTPUT_RTOL
+
+
+def test_optimized_net_has_no_bn_and_static_padding():
+    optimized = _model("efficientdet-lite0", NON_SQUARE).optimize()
+    modules = list(optimized.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
+    static = [m for m in modules if isinstance(m, StaticSameConv2d)]
+    assert static and {m.pad is None for m in static} == {True, False}   # both kinds of pad
+
+
+def test_optimize_leaves_the_model_untouched():
+    model = _model("efficientdet-lite0", NON_SQUARE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    model.optimize(channels_last=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in model.modules()] == modules_before
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_taps_through_optimized_model_match():
+    model = _model("efficientdet-lite0", NON_SQUARE)
+    images = torch.randn(1, 3, *NON_SQUARE)
+    with torch.no_grad():
+        _, expected = model.forward_with_taps(images)
+        _, actual = model.optimize().forward_with_taps(images)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert (actual[name] - tensor).abs().max() <= OUTPUT_RTOL * tensor.abs().max(), name
+
+
+def test_optimized_model_rejects_another_size():
+    optimized = _model("efficientdet-lite0", NON_SQUARE).optimize()
+    with pytest.raises(ValueError, match="200x264"):
+        optimized(torch.zeros(1, 3, 256, 256))
+
+
+def test_fold_bn_breaks_when_eps_is_wrong():
+    """The fold must use the BN's own eps: a Keras 1e-3 vs PyTorch 1e-5 mix-up is caught."""
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(4, eps=1e-3)))[0].eval()
+    bn.running_var.fill_(1e-3)    # small variances make eps matter
+    images = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = bn(conv(images))
+        good = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        good.load_state_dict(conv.state_dict())
+        fold_bn(good, bn)
+        assert torch.allclose(good(images), expected, rtol=1e-5, atol=1e-5)
+        bn.eps = 1e-5
+        fold_bn(conv, bn)
+        assert not torch.allclose(conv(images), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_predict_fast_matches_predict_and_caches():
+    model = _model("efficientdet-lite0", NON_SQUARE)
+    image = np.random.default_rng(0).integers(0, 255, (150, 230, 3), dtype=np.uint8)
+    slow = model.predict(image)
+    fast = model.predict(image, fast=True)
+    assert torch.equal(fast.valid, slow.valid)
+    assert torch.allclose(fast.boxes_yxyx, slow.boxes_yxyx, atol=1e-3)
+    assert torch.allclose(fast.scores, slow.scores, atol=1e-5)
+    first = model._fast_forward()
+    assert isinstance(first, OptimizedEfficientDet) and model._fast_forward() is first
+    with torch.no_grad():
+        model.box_net.box_predict.pointwise.bias.add_(1.0)
+    try:
+        assert model._fast_forward() is not first     # weights changed: rebuilt
+    finally:
+        with torch.no_grad():
+            model.box_net.box_predict.pointwise.bias.sub_(1.0)
