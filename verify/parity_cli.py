@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from converter.cli import parse_size
 from verify.cli_utils import (CONTEXT_SETTINGS, EXIT_FAILURE, device_option, fail,
                               library_errors, package_version, resolve_device)
 from verify.io_utils import atomic_write_text
@@ -73,6 +72,7 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     """
     import torch
 
+    from converter.cli import parse_size
     from model import EfficientDet
     from verify.parity import format_table, plot_errors, run_parity, verdict
     from verify.reference import ReferenceError, load_golden
