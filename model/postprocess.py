@@ -123,17 +123,21 @@ class Detections:
     Attributes:
         boxes_yxyx: ``[N, K, 4]`` float32 (ymin, xmin, ymax, xmax) in original-image pixels.
         scores: ``[N, K]`` float32 (soft-NMS: decayed scores).
-        classes: ``[N, K]`` float32 1-based COCO class ids.
+        classes: ``[N, K]`` 1-based class ids: float32 as automl's graph gives them, int64 from
+            ``EfficientDet.predict``.
         valid: ``[N]`` int64, number of real rows; rows past it are padding, laid out as automl
             lays them out: global -> copies of pre-NMS candidate 0 (its clipped, scaled box and its
             class) with score 0 (TF pads the NMS indices with 0); per_class -> all zeros;
             pyfunc -> zero box, score ``DUMMY_DETECTION_SCORE`` (-1e5), class 0.
+        names: per image, the class names of its ``valid`` rows (``predict(names=True)``), else
+            None.
     """
 
     boxes_yxyx: Tensor
     scores: Tensor
     classes: Tensor
     valid: Tensor
+    names: list[list[str]] | None = None
 
 
 def _check_heads(cls_logits: Tensor, box_deltas: Tensor, anchors_yxyx: Tensor) -> None:

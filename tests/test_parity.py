@@ -48,6 +48,7 @@ def golden():
     return load_golden(D0)
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_converted_d0_matches_every_tap_and_detection_path(d0_contents, golden):
     report = run_parity(build(d0_contents), golden)
     assert report.ok, report.first_divergence
@@ -58,6 +59,7 @@ def test_converted_d0_matches_every_tap_and_detection_path(d0_contents, golden):
     assert all(d.matched == d.expected == 100 for d in report.detections)
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_swapped_bn_stats_fail_at_their_block(d0_contents, golden):
     model = build(d0_contents)
     bn = model.backbone.blocks[3].tpu_batch_normalization_1
@@ -68,6 +70,7 @@ def test_swapped_bn_stats_fail_at_their_block(d0_contents, golden):
     assert next(t for t in report.taps if t.name == "backbone/block_03").rel_max > 1e-1
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_symmetric_padding_fails_at_the_stem(d0_contents, golden, monkeypatch):
     model = build(d0_contents)
     tf_same = tf_compat.same_padding
@@ -81,16 +84,19 @@ def test_symmetric_padding_fails_at_the_stem(d0_contents, golden, monkeypatch):
     assert report.first_divergence == "backbone/stem"
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_raw_weights_instead_of_ema_fail_at_the_stem(d0_contents, golden):
     report = run_parity(build(d0_contents, use_ema=False), golden)
     assert report.first_divergence == "backbone/stem"
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_raw_weights_match_the_no_ema_golden(d0_contents):
     report = run_parity(build(d0_contents, use_ema=False), load_golden(D0, "golden_noema"))
     assert report.ok, report.first_divergence
 
 
+@pytest.mark.slow   # whole-d0 forward passes: 6-30 s each on a busy 2-core machine
 def test_cli_writes_report_and_plot_and_fails_on_a_broken_model(d0_contents, tmp_path):
     model = build(d0_contents)
     good = save_weights(tmp_path / "good.pth", model.state_dict(),
@@ -113,6 +119,8 @@ def test_cli_writes_report_and_plot_and_fails_on_a_broken_model(d0_contents, tmp
     result = runner.invoke(verify_main, ["parity", "--weights", str(bad), "--golden", str(D0)])
     assert result.exit_code == 1
     assert "first diverging tap: fpn/cell_1/p3" in result.output
+    assert result.output.splitlines()[-1].startswith(
+        "FAIL: first diverging tap fpn/cell_1/p3 (") and "hint: raw vs EMA" in result.output
 
 
 def test_cli_refuses_weights_of_another_variant(tmp_path):

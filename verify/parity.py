@@ -349,23 +349,72 @@ def format_table(report: ParityReport) -> list[str]:
     return lines
 
 
+def verdict(report: ParityReport) -> str:
+    """One line: ``PASS``, or ``FAIL:`` with the first diverging tap (or detection path), its
+    error against the tolerance, and the likeliest cause."""
+    if report.ok:
+        return "PASS"
+    first = next((t for t in report.taps if not t.ok), None)
+    if first is None:
+        paths = ", ".join(d.path for d in report.detections if not d.ok)
+        return (f"FAIL: every tap matches but detections differ ({paths}); hint: NMS settings "
+                f"(nms_configs / score_thresh) or image size differ from the reference")
+    if not first.compared:
+        return (f"FAIL: tap {first.name} is missing or has another shape {first.shape}; hint: "
+                f"wrong variant, image size or num_classes")
+    measured = f"{first.rel_max:.2g} of its scale > {first.tolerance:g}"
+    if first.name.startswith("input/"):
+        hint = "preprocessing differs: image size, mean_rgb/stddev_rgb (AdvProp?) or decoder"
+    else:
+        hint = ("raw vs EMA weights? (convert --no-ema, or --golden-name golden_noema); "
+                "otherwise this layer's mapping, padding or BN statistics")
+    return f"FAIL: first diverging tap {first.name} ({measured}); hint: {hint}"
+
+
 def plot_errors(report: ParityReport, path: str | Path) -> None:
-    """Relative error of every tap in graph order (log scale) with the tolerance line."""
+    """Every tap's relative error (log scale), one labelled row per tap in graph order, with
+    the tolerance line, failing taps in red and the legend outside the data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .io_utils import atomic_write_bytes
-    errors = [max(t.rel_max, 1e-12) if math.isfinite(t.rel_max) else 1.0 for t in report.taps]
-    fig, ax = plt.subplots(figsize=(max(8, len(errors) * 0.12), 4.5))
-    ax.semilogy(range(len(errors)), errors, marker=".", label="max abs error / tap scale")
-    ax.axhline(report.tap_rtol, color="red", linestyle="--", label=f"tolerance {report.tap_rtol:g}")
-    ax.set_xticks(range(len(errors)))
-    ax.set_xticklabels([t.name for t in report.taps], rotation=90, fontsize=5)
-    ax.set_title(f"{report.variant}: PyTorch vs TF per tap")
-    ax.legend(loc="upper left")
+    taps = report.taps
+    finite = [t.rel_max for t in taps if math.isfinite(t.rel_max) and t.rel_max > 0]
+    low = min(finite + [report.tap_rtol]) / 3
+    high = max(finite + [report.tap_rtol]) * 10
+    errors = [min(max(t.rel_max, low), high) if math.isfinite(t.rel_max) else high for t in taps]
+    rows = list(range(len(taps)))
+    fig, ax = plt.subplots(figsize=(10, max(4.0, 0.2 * len(taps) + 1.5)))
+    ax.plot(errors, rows, color="0.75", linewidth=1, zorder=1)
+    groups = (("ok", "tab:blue", "o", lambda t: t.ok),
+              ("over tolerance", "tab:red", "o", lambda t: not t.ok and math.isfinite(t.rel_max)),
+              ("missing or non-finite", "tab:red", "x", lambda t: not math.isfinite(t.rel_max)))
+    for label, colour, marker, keep in groups:
+        picked = [i for i, t in enumerate(taps) if keep(t)]
+        if picked:
+            ax.scatter([errors[i] for i in picked], picked, color=colour, marker=marker, s=22,
+                       zorder=2, label=f"{label} ({len(picked)})")
+    ax.axvline(report.tap_rtol, color="tab:red", linestyle="--", linewidth=1.2,
+               label=f"tolerance {report.tap_rtol:g} x scale")
+    first = report.first_divergence
+    if first is not None:
+        index = [t.name for t in taps].index(first)
+        ax.annotate("first divergence", (errors[index], index), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8, color="tab:red")
+    ax.set_xscale("log")
+    ax.set_xlim(low, high * 3)
+    ax.set_yticks(rows)
+    ax.set_yticklabels([t.name for t in taps], fontsize=8)
+    ax.set_ylim(len(taps) - 0.5, -0.5)          # graph order from the top
+    ax.grid(axis="x", which="major", color="0.9")
+    ax.set_xlabel("max |PyTorch - TF| / max |TF| per tap (log scale)")
+    ax.set_ylabel("tap, in graph order")
+    ax.set_title(f"{report.variant}: PyTorch vs TF reference - {verdict(report).split(';')[0]}",
+                 fontsize=10, loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     import io
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
