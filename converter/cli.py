@@ -21,7 +21,7 @@ from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destinatio
 from .archive import sha256_file
 from .download import check_sha256, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
-from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, GRAPH_FORMATS, OUTPUT_KINDS, export_model
+from .export_formats import EXPORT_SUFFIXES, FORMAT_NAMES, GRAPH_FORMATS, OUTPUT_KINDS
 from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -30,13 +30,14 @@ if TYPE_CHECKING:
 
     from .convert import MappingReport, convert_checkpoint
     from .detect import detect_config
+    from .export import export_model
     from .readers import read_checkpoint
 
 # The conversion machinery (torch, the mapping tables) is imported when a conversion runs, not
 # for --help: these names become module globals on first use (PEP 562), so tests can still
 # replace them with monkeypatch.
 _DEFERRED = {"MappingReport": ".convert", "convert_checkpoint": ".convert",
-             "detect_config": ".detect", "read_checkpoint": ".readers",
+             "detect_config": ".detect", "export_model": ".export", "read_checkpoint": ".readers",
              "save_weights": "model.weights_io"}
 
 
@@ -195,7 +196,7 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
                    "record it; it is stored in the output's config.")
-@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
+@click.option("--to", "to_format", type=click.Choice(list(FORMAT_NAMES)), default=None,
               help="Go the other way: --ckpt is PyTorch weights (.pth/.safetensors) and --out "
                    "gets them as 'tf-ckpt' (an automl TF1 checkpoint folder: variables, "
                    "ExponentialMovingAverage shadows, global_step), 'effdet' (a .pth state_dict "

@@ -49,9 +49,9 @@ from model.efficientdet import EfficientDet, flatten_outputs
 from model.weights_io import atomic_path
 
 from .errors import ConversionError, OutputError
+from .export_formats import EXPORT_SUFFIXES, FORMAT_NAMES, GRAPH_FORMATS, OUTPUT_KINDS
 from .to_tf import tf_tensors, write_tf_checkpoint
 
-OUTPUT_KINDS = ("raw", "decoded", "nms")
 OUTPUT_NAMES = {"raw": ["cls_logits", "box_deltas"], "decoded": ["boxes_yxyx", "scores"],
                 "nms": ["detections"]}
 # ONNX opset: 18 is onnxruntime's long-supported default for torch.onnx's exporter.
@@ -251,10 +251,6 @@ EXPORT_FORMATS: dict[str, Exporter] = {
     "torchscript": export_torchscript,
     "torch-export": export_program,
 }
-# The formats that take the graph options (outputs, dynamic_batch, image_size).
-GRAPH_FORMATS = ("onnx", "torchscript", "torch-export")
-# --out suffix -> format, for `convert --out F` without --to.
-EXPORT_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "torch-export"}
 
 
 def export_model(model: EfficientDet, fmt: str, path: Union[str, Path], **options: Any) -> Path:

@@ -25,8 +25,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_command_modules_import_without_torch_or_tensorflow():
-    # convert is not listed: its --to choices come from converter.export, which imports torch.
-    result = _python("import sys, verify.cli, detect.cli, model\n"
+    result = _python("import sys, converter.cli, verify.cli, detect.cli, train.cli, model\n"
                      "heavy = sorted(m for m in ('torch', 'tensorflow', 'matplotlib') "
                      "if m in sys.modules)\n"
                      "print(heavy)")

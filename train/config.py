@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from model.loss import LossConfig
+from model.loss_config import LossConfig
 
 LR_DECAY_METHODS = ("cosine", "stepwise", "polynomial")
 
