@@ -208,14 +208,18 @@ def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = N
     return Path(path)
 
 
+def _refuse_in_graph_nms(outputs: str) -> None:
+    if outputs == "nms":
+        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
+                          "postprocess_raw, or outputs='decoded' and your own NMS")
+
+
 def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                        batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
                        force: bool = False) -> Path:
     """TorchScript by ``torch.jit.trace`` (scripting is unsupported; see the module doc)."""
     _check_target(path, force)
-    if outputs == "nms":
-        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
-                          "postprocess_raw, or outputs='decoded' and your own NMS")
+    _refuse_in_graph_nms(outputs)
     graph, size = build_graph(model, image_size, outputs)
     with torch.no_grad(), warnings.catch_warnings(), \
             atomic_path(path, overwrite=force) as tmp_name:
@@ -230,9 +234,7 @@ def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any 
                    force: bool = False) -> Path:
     """``torch.export`` ExportedProgram (``.pt2``); run ``torch.export.load(path).module()``."""
     _check_target(path, force)
-    if outputs == "nms":
-        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
-                          "postprocess_raw, or outputs='decoded' and your own NMS")
+    _refuse_in_graph_nms(outputs)
     graph, size = build_graph(model, image_size, outputs)
     dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
     with torch.no_grad():
