@@ -206,36 +206,40 @@ class _SuppressionV5:
 
         ``boxes [n, 4]`` / ``scores [n]`` float32, every score ``> score_threshold``.
         """
-        window = _Window(self, boxes, scores)
+        window = _Window(self, boxes, scores, max_output_size)
         kept: list[int] = []
         kept_scores: list[np.float32] = []
-        requeued: list[tuple[float, int, int]] = []        # heap of (-score, position, slot)
+        requeued: list[tuple[float, int, int, int]] = []   # heap: -score, position, slot, compared
         fresh = 0                                          # next never-popped slot
         while len(kept) < max_output_size:
             if fresh >= 0 and not window.reach(fresh):
                 fresh = -1
             if requeued and (fresh < 0 or (-requeued[0][0], -requeued[0][1])
                              > (window.scores[fresh], -window.positions[fresh])):
-                negated, _, slot = heapq.heappop(requeued)
+                negated, _, slot, compared = heapq.heappop(requeued)
                 score = np.float32(-negated)
             elif fresh >= 0:
-                slot, score = fresh, np.float32(window.scores[fresh])
+                slot, score, compared = fresh, np.float32(window.scores[fresh]), 0
                 fresh += 1
             else:
                 break
-            weights = window.pending[slot]
-            if weights is None:                            # hard NMS: suppressed
+            weights = window.pending(slot, compared)
+            if not self.soft:
+                if not weights:                            # no selection suppresses it
+                    kept.append(window.positions[slot])
+                    kept_scores.append(score)
+                    window.record_selection(slot)
                 continue
             decayed = score
             for weight in reversed(weights):               # newest selection first
                 decayed = decayed * weight                 # float32 product
-            weights.clear()
             if decayed == score:
                 kept.append(window.positions[slot])
                 kept_scores.append(decayed)
                 window.record_selection(slot)
             elif decayed > self.score_threshold:
-                heapq.heappush(requeued, (-float(decayed), window.positions[slot], slot))
+                heapq.heappush(requeued,
+                               (-float(decayed), window.positions[slot], slot, len(kept)))
         return kept, kept_scores
 
     def weights(self, candidates: _Geometry, picked: _Geometry) -> np.ndarray:
@@ -314,13 +318,14 @@ _PAIRWISE = 256
 
 class _Window:
     """The best candidates of one NMS call in queue order (score descending, ties to the lower
-    position) with the weights of the selections each has not applied yet.
+    position) with the weights every selection puts on them (``[selection, slot]``).
 
-    Slots below the horizon have their weights filed; the horizon moves a block at a time, ahead
-    of the first pops, so the candidates that are never popped cost nothing.
+    Slots below the horizon have their weights filled in; the horizon moves a block at a time,
+    ahead of the first pops, so the candidates that are never popped cost nothing.
     """
 
-    def __init__(self, kernel: _SuppressionV5, boxes: np.ndarray, scores: np.ndarray) -> None:
+    def __init__(self, kernel: _SuppressionV5, boxes: np.ndarray, scores: np.ndarray,
+                 max_output_size: int) -> None:
         self._kernel = kernel
         self._boxes = boxes
         self._all_scores = scores
@@ -328,31 +333,34 @@ class _Window:
         self._chunk = _WINDOW_CHUNK
         self._geometry = _Geometry.of(boxes[:0])      # per slot
         self._pairwise: np.ndarray | None = None       # [slot picked, slot] weights
-        self._open = np.zeros(0, dtype=bool)           # not yet selected or dropped
+        self._weights = np.ones((max_output_size, 0), dtype=np.float32)
         self._selected: list[int] = []                 # slots
         self._horizon = 0
         self.positions: list[int] = []
         self.scores: list[float] = []
-        # Per slot: weights != 1 of the selections it has not applied, oldest first (None: hard
-        # NMS suppressed it).
-        self.pending: list[list[float] | None] = []
 
     def reach(self, slot: int) -> bool:
-        """File the weights up to ``slot`` (sorting more candidates if needed); False when there
-        are fewer candidates."""
+        """Fill in the weights up to ``slot`` (sorting more candidates if needed); False when
+        there are fewer candidates."""
         while slot >= self._horizon:
             if self._horizon == len(self.positions) and not self._sort_next_chunk():
                 return False
             block = slice(self._horizon, min(len(self.positions), self._horizon + _WINDOW_BLOCK))
-            if self._selected:                          # catch up, in selection order
-                self._file(self._weights(self._selected, block), block.start)
+            if self._selected:                          # catch up
+                self._weights[:len(self._selected), block] = self._compute(self._selected, block)
             self._horizon = block.stop
         return True
 
     def record_selection(self, slot: int) -> None:
-        self._open[slot] = False
+        row = len(self._selected)
         self._selected.append(slot)
-        self._file(self._weights([slot], slice(0, self._horizon)), 0)
+        self._weights[row, :self._horizon] = self._compute([slot], slice(0, self._horizon))
+
+    def pending(self, slot: int, since: int) -> list[float]:
+        """Weights != 1 of the selections from number ``since`` on, in selection order (hard NMS:
+        0 if a selection suppresses it)."""
+        column = self._weights[since:len(self._selected), slot]
+        return column[column != 1].tolist()
 
     def _sort_next_chunk(self) -> bool:
         if not self._rest.size:
@@ -371,32 +379,18 @@ class _Window:
         if not self.positions and not self._rest.size and chunk.size <= _PAIRWISE:
             self._pairwise = self._kernel.weights(
                 self._geometry.take(np.newaxis), self._geometry.take((slice(None), np.newaxis)))
-        self._open = np.concatenate([self._open, np.ones(chunk.size, dtype=bool)])
+        self._weights = np.concatenate(
+            [self._weights, np.ones((self._weights.shape[0], chunk.size), dtype=np.float32)], 1)
         self.positions += chunk.tolist()
         self.scores += self._all_scores[chunk].tolist()
-        self.pending += [[] for _ in range(chunk.size)]
         return True
 
-    def _weights(self, picked: list[int], slots: slice) -> np.ndarray:
+    def _compute(self, picked: list[int], slots: slice) -> np.ndarray:
         """``[len(picked), slots]`` weights of the selected slots ``picked`` on ``slots``."""
         if self._pairwise is not None:
             return self._pairwise[picked, slots]
         picked_geometry = self._geometry.take((picked, np.newaxis))
         return self._kernel.weights(self._geometry.take((np.newaxis, slots)), picked_geometry)
-
-    def _file(self, weights: np.ndarray, first: int) -> None:
-        """Append ``weights [selections, slots from first]`` (rows in selection order) to the
-        pending lists of the open slots they change."""
-        rows, slots = np.nonzero((weights != 1) & self._open[first:first + weights.shape[1]])
-        for slot, weight in zip((slots + first).tolist(), weights[rows, slots].tolist()):
-            pending = self.pending[slot]
-            if pending is None:
-                continue
-            if weight == 0 and not self._kernel.soft:
-                self.pending[slot] = None
-                self._open[slot] = False
-            else:
-                pending.append(weight)
 
 
 def non_max_suppression_v5(
