@@ -188,8 +188,8 @@ class _SuppressionV5:
 
     Only the best candidates are ever popped, so they are sorted a chunk at a time
     (:class:`_Window`). Each selection computes its weights for the window's slots at once
-    (vectorised) and files the ones that are not exactly 1 (or the hard-NMS verdict) with their
-    candidates until these are popped; a pop multiplies them in TF's order. For d0's 49,104
+    (vectorised, one row of a ``[selection, slot]`` matrix; hard NMS: 0 or 1); a pop multiplies
+    the ones of its column that are not exactly 1, in TF's order. For d0's 49,104
     candidates and 100 outputs only a few thousand slots are ever touched.
     """
 
