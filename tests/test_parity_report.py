@@ -19,7 +19,9 @@ def _report(taps, detections=()) -> ParityReport:
 
 
 def _detection(ok: bool) -> DetectionResult:
-    return DetectionResult("per_class", 100, 100, 100 if ok else 90, 0, 0, 0.01, 1e-5, ok)
+    return DetectionResult("per_class", expected=100, produced=100, matched=100 if ok else 90,
+                           image_floor=0, swapped=0, at_cut=0, max_box_err=0.01,
+                           max_box_rel=1e-5, max_score_err=1e-5, cut_atol=5e-4, ok=ok)
 
 
 def test_verdict_names_the_first_diverging_tap_and_a_hint():
