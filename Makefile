@@ -7,7 +7,7 @@ WORK ?= out
 # Extra verify_all flags, e.g. VERIFY_ALL_FLAGS=--optimized to verify through optimize().
 VERIFY_ALL_FLAGS ?=
 
-.PHONY: setup setup-effdet demo test verify-all mappings check-mappings bench clean
+.PHONY: setup setup-effdet demo test test-quick typecheck verify-all mappings check-mappings bench clean
 
 STAMP := $(VENV)/.effdet-installed
 
@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet tensorflow-cpu
+	$(PY) -m pip install --quiet tensorflow-cpu==2.21.0  # the version the bit-exact tests assume
 	$(PY) -m pip install --quiet -e '.[test,export]'
 	touch $@
 
@@ -37,6 +37,12 @@ demo: setup  ## the main job on the built-in default: d0 checkpoint -> convert -
 
 test: setup  ## the test suite (CPU)
 	$(PY) -m pytest -q
+
+test-quick: setup  ## the tests not marked slow (~75 s of CPU; make test runs them all)
+	$(PY) -m pytest -q -m "not slow"
+
+typecheck: setup  ## mypy over the model package
+	$(PY) -m mypy model
 
 verify-all: setup  ## convert and verify every golden under REF (default ../shared/reference)
 	$(PY) -m verify.verify_all --ref $(REF) $(VERIFY_ALL_FLAGS)

@@ -5,35 +5,61 @@ import json
 import re
 import sys
 import time
-from importlib import metadata
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
-from model import EfficientDet
+# Only light modules at import time: `convert --help` must not load torch or TensorFlow.
+from model._version import __version__
 from model.config import parse_image_size
 from model.registry import RELEASES, VARIANTS
-from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destination, save_weights
+from model.weights_io import WEIGHT_SUFFIXES, DestinationError, check_destination
 
 from .archive import sha256_file
-from .convert import MappingReport, convert_checkpoint
-from .detect import detect_config
 from .download import check_sha256, resolve_release
 from .errors import ConversionError, InputError, MappingError, OutputError, VariantError
-from .export import EXPORT_FORMATS, EXPORT_SUFFIXES, GRAPH_FORMATS, OUTPUT_KINDS, export_model
+from .export_formats import EXPORT_SUFFIXES, FORMAT_NAMES, GRAPH_FORMATS, OUTPUT_KINDS
 from .interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
-from .readers import read_checkpoint
+
+if TYPE_CHECKING:
+    from model import EfficientDet
+    from model.weights_io import save_weights
+
+    from .convert import MappingReport, convert_checkpoint
+    from .detect import detect_config
+    from .export import export_model
+    from .readers import read_checkpoint
+
+# The conversion machinery (torch, the mapping tables) is imported when a conversion runs, not
+# for --help: these names become module globals on first use (PEP 562), so tests can still
+# replace them with monkeypatch.
+_DEFERRED = {"MappingReport": ".convert", "convert_checkpoint": ".convert",
+             "detect_config": ".detect", "export_model": ".export", "read_checkpoint": ".readers",
+             "save_weights": "model.weights_io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEFERRED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_DEFERRED[name], __package__), name)
+    return globals().setdefault(name, value)
+
+
+def _import_deferred() -> None:
+    for name in _DEFERRED:
+        if name not in globals():
+            __getattr__(name)
 
 _BUNDLE_SUFFIX = re.compile(r"^\.(?:index|data-\d+-of-\d+)$")
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
 def tool_version() -> str:
-    try:
-        return metadata.version("effdet-tf-port")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
+    """This project's version (``model/_version.py``)."""
+    return __version__
 
 
 def _identity(source: Path) -> str:
@@ -71,6 +97,19 @@ def check_output(out: Path, force: bool) -> None:
         check_destination(out, overwrite=force)
     except DestinationError as error:
         raise OutputError(str(error)) from None
+
+
+def _variant_name(_ctx: click.Context, _param: click.Parameter, value: str | None
+                  ) -> str | None:
+    """``--variant``: a variant name, or its short form without ``efficientdet-`` (``d0``)."""
+    if value is None:
+        return None
+    for name in (value, f"efficientdet-{value}"):
+        if name.lower() in VARIANTS:
+            return name.lower()
+    raise click.BadParameter(f"unknown variant {value!r}; known: "
+                             f"{', '.join(v.removeprefix('efficientdet-') for v in VARIANTS)} "
+                             f"(with or without 'efficientdet-')")
 
 
 def _is_bundle_prefix(path: Path) -> bool:
@@ -149,14 +188,15 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output weights; .pth (state_dict + metadata) or .safetensors (with --to: "
                    "the folder (tf-ckpt) or .pth file (effdet) to write).")
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None, metavar="NAME",
-              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x); "
-                   "by default detected from the checkpoint's names and shapes.")
+@click.option("--variant", default=None, metavar="NAME", callback=_variant_name,
+              help="Variant to build (efficientdet-d0 ... d7, d7x, lite0 ... lite4, lite3x; the "
+                   "short form d0 or lite0 works too); by default detected from the checkpoint's "
+                   "names and shapes.")
 @click.option("--image-size", default=None, metavar="SIZE",
               help="Network input size the checkpoint was trained for, as automl writes it: "
                    "512 or WxH (e.g. 640x384) [default: the variant's]. Checkpoints do not "
                    "record it; it is stored in the output's config.")
-@click.option("--to", "to_format", type=click.Choice(list(EXPORT_FORMATS)), default=None,
+@click.option("--to", "to_format", type=click.Choice(list(FORMAT_NAMES)), default=None,
               help="Go the other way: --ckpt is PyTorch weights (.pth/.safetensors) and --out "
                    "gets them as 'tf-ckpt' (an automl TF1 checkpoint folder: variables, "
                    "ExponentialMovingAverage shadows, global_step), 'effdet' (a .pth state_dict "
@@ -242,6 +282,7 @@ def main(ckpt: str, out: Path, variant: str | None, image_size: str | None,
 def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, no_ema: bool,
              force: bool, cache_dir: Path | None, base_url: str | None, sha256: str | None,
              as_json: bool, quiet: bool) -> None:
+    _import_deferred()
     started = time.perf_counter()
     try:
         check_output(out, force)
@@ -299,6 +340,7 @@ def _convert(ckpt: str, out: Path, variant: str | None, image_size: str | None, 
 def _load_weights(path: Path) -> EfficientDet:
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise InputError(f"{path}: --to needs PyTorch weights ({', '.join(WEIGHT_SUFFIXES)})")
+    from model import EfficientDet
     try:
         return EfficientDet.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as error:

@@ -49,9 +49,9 @@ from model.efficientdet import EfficientDet, flatten_outputs
 from model.weights_io import atomic_path
 
 from .errors import ConversionError, OutputError
+from .export_formats import EXPORT_SUFFIXES, FORMAT_NAMES, GRAPH_FORMATS, OUTPUT_KINDS
 from .to_tf import tf_tensors, write_tf_checkpoint
 
-OUTPUT_KINDS = ("raw", "decoded", "nms")
 OUTPUT_NAMES = {"raw": ["cls_logits", "box_deltas"], "decoded": ["boxes_yxyx", "scores"],
                 "nms": ["detections"]}
 # ONNX opset: 18 is onnxruntime's long-supported default for torch.onnx's exporter.
@@ -208,14 +208,18 @@ def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = N
     return Path(path)
 
 
+def _refuse_in_graph_nms(outputs: str) -> None:
+    if outputs == "nms":
+        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
+                          "postprocess_raw, or outputs='decoded' and your own NMS")
+
+
 def export_torchscript(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                        batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
                        force: bool = False) -> Path:
     """TorchScript by ``torch.jit.trace`` (scripting is unsupported; see the module doc)."""
     _check_target(path, force)
-    if outputs == "nms":
-        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
-                          "postprocess_raw, or outputs='decoded' and your own NMS")
+    _refuse_in_graph_nms(outputs)
     graph, size = build_graph(model, image_size, outputs)
     with torch.no_grad(), warnings.catch_warnings(), \
             atomic_path(path, overwrite=force) as tmp_name:
@@ -230,9 +234,7 @@ def export_program(model: EfficientDet, path: Union[str, Path], image_size: Any 
                    force: bool = False) -> Path:
     """``torch.export`` ExportedProgram (``.pt2``); run ``torch.export.load(path).module()``."""
     _check_target(path, force)
-    if outputs == "nms":
-        raise ExportError("in-graph NMS is ONNX only; export outputs='raw' and run "
-                          "postprocess_raw, or outputs='decoded' and your own NMS")
+    _refuse_in_graph_nms(outputs)
     graph, size = build_graph(model, image_size, outputs)
     dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
     with torch.no_grad():
@@ -251,10 +253,6 @@ EXPORT_FORMATS: dict[str, Exporter] = {
     "torchscript": export_torchscript,
     "torch-export": export_program,
 }
-# The formats that take the graph options (outputs, dynamic_batch, image_size).
-GRAPH_FORMATS = ("onnx", "torchscript", "torch-export")
-# --out suffix -> format, for `convert --out F` without --to.
-EXPORT_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "torch-export"}
 
 
 def export_model(model: EfficientDet, fmt: str, path: Union[str, Path], **options: Any) -> Path:

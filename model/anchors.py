@@ -47,6 +47,8 @@ def anchor_boxes_yxyx(config: DetConfig) -> np.ndarray:
 class Anchors(nn.Module):
     """Holds the float32 anchors of one config as a (non-persistent) buffer."""
 
+    boxes_yxyx: torch.Tensor     # [A_total, 4] (ymin, xmin, ymax, xmax) in network-input pixels
+
     def __init__(self, config: DetConfig):
         super().__init__()
         boxes = torch.from_numpy(anchor_boxes_yxyx(config).astype(np.float32))

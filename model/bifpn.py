@@ -133,9 +133,9 @@ class FNode(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], level_sizes: list[tuple[int, int]]) -> torch.Tensor:
         target = level_sizes[self.level_index]
-        nodes = [self._modules[name](feats[offset], target)
+        nodes = [self.get_submodule(name)(feats[offset], target)
                  for name, offset in zip(self.resample_names, self.inputs_offsets)]
-        return self._modules[self.op_name](self.fuse(nodes))
+        return self.get_submodule(self.op_name)(self.fuse(nodes))
 
 
 class FPNCell(nn.Module):
@@ -159,7 +159,7 @@ class FPNCell(nn.Module):
         level_sizes = [tuple(f.shape[-2:]) for f in feats]
         feats = list(feats)
         for index in range(self.num_nodes):
-            feats.append(self._modules[f"fnode{index}"](feats, level_sizes))
+            feats.append(self.get_submodule(f"fnode{index}")(feats, level_sizes))
         return [feats[i] for i in self.output_offsets]
 
 
@@ -176,7 +176,7 @@ class FPNCells(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], taps: Taps = None) -> list[torch.Tensor]:
         for index in range(self.num_cells):
-            feats = self._modules[f"cell_{index}"](feats)
+            feats = self.get_submodule(f"cell_{index}")(feats)
             if taps is not None:
                 for offset, feat in enumerate(feats):
                     taps[f"fpn/cell_{index}/p{self.min_level + offset}"] = feat

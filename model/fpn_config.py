@@ -32,7 +32,7 @@ def bifpn_nodes(min_level: int, max_level: int) -> list[FpnNode]:
 
 def feat_sizes(image_size: tuple[int, int], max_level: int) -> list[tuple[int, int]]:
     """(H, W) of every level 0..max_level: each level is ``(prev - 1) // 2 + 1`` per axis."""
-    sizes = [tuple(image_size)]
+    sizes = [(int(image_size[0]), int(image_size[1]))]
     for _ in range(max_level):
         height, width = sizes[-1]
         sizes.append(((height - 1) // 2 + 1, (width - 1) // 2 + 1))

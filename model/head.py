@@ -46,15 +46,15 @@ class HeadNet(nn.Module):
 
     @property
     def predict(self) -> nn.Module:
-        return self._modules[f"{self.prefix}_predict"]
+        return self.get_submodule(f"{self.prefix}_predict")
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         outputs = []
         for level, x in zip(self.levels, feats):
             for i in range(self.repeats):
                 shortcut = x
-                x = self._modules[f"{self.prefix}_{i}"](x)
-                x = self.act(self._modules[f"{self.prefix}_{i}_bn_{level}"](x))
+                x = self.get_submodule(f"{self.prefix}_{i}")(x)
+                x = self.act(self.get_submodule(f"{self.prefix}_{i}_bn_{level}")(x))
                 if i > 0 and self.survival_prob:
                     x = drop_connect(x, self.survival_prob, self.training) + shortcut
             outputs.append(self.predict(x))
@@ -73,5 +73,8 @@ def box_net(config: DetConfig) -> HeadNet:
 
 def init_class_predict(predict: nn.Module) -> None:
     """Bias = focal-loss prior, as automl initialises ``class-predict``."""
-    bias = predict.pointwise.bias if isinstance(predict, SeparableConv2d) else predict.bias
+    conv = predict.pointwise if isinstance(predict, SeparableConv2d) else predict
+    bias = conv.bias
+    if not isinstance(bias, torch.Tensor):
+        raise ValueError(f"class predictor {type(predict).__name__} has no bias")
     nn.init.constant_(bias, class_prior_bias())

@@ -20,7 +20,7 @@ equal within float32 rounding (relative ~1e-6; see tests/test_optimize.py).
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,17 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     weight = conv.weight.detach().double()
     bias = conv.bias.detach().double() if conv.bias is not None else \
         torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
-    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    scale = bn.weight.detach().double() / torch.sqrt(running_var.double() + bn.eps)
     folded_weight = weight * scale.reshape(-1, 1, 1, 1)
-    folded_bias = (bias - bn.running_mean.double()) * scale + bn.bias.detach().double()
+    folded_bias = (bias - running_mean.double()) * scale + bn.bias.detach().double()
     conv.weight = nn.Parameter(folded_weight.to(conv.weight.dtype), requires_grad=False)
     conv.bias = nn.Parameter(folded_bias.to(conv.weight.dtype), requires_grad=False)
 
 
 def _last_conv(conv: nn.Module) -> nn.Conv2d:
     """The conv a BN after ``conv`` folds into (the pointwise one of a separable conv)."""
-    return conv.pointwise if isinstance(conv, SeparableConv2d) else conv
+    return cast(nn.Conv2d, conv.pointwise if isinstance(conv, SeparableConv2d) else conv)
 
 
 def _fold_module(module: nn.Module) -> None:
@@ -86,8 +87,9 @@ class FoldedHead(nn.Module):
         for level in head.levels:
             convs = nn.ModuleList()
             for i in range(head.repeats):
-                conv = copy.deepcopy(head._modules[f"{head.prefix}_{i}"])
-                fold_bn(_last_conv(conv), head._modules[f"{head.prefix}_{i}_bn_{level}"])
+                conv = copy.deepcopy(head.get_submodule(f"{head.prefix}_{i}"))
+                bn = cast(nn.BatchNorm2d, head.get_submodule(f"{head.prefix}_{i}_bn_{level}"))
+                fold_bn(_last_conv(conv), bn)
                 convs.append(conv)
             self.towers.append(convs)
         self.predict = head.predict
@@ -95,7 +97,7 @@ class FoldedHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         outputs = []
         for tower, x in zip(self.towers, feats):
-            for i, conv in enumerate(tower):
+            for i, conv in enumerate(cast(nn.ModuleList, tower)):
                 shortcut = x
                 x = self.act(conv(x))
                 if i > 0 and self.survival_prob:
@@ -111,7 +113,9 @@ class StaticSameConv2d(nn.Conv2d):
         top, bottom = same_padding(input_hw[0], conv.kernel_size[0], conv.stride[0])
         left, right = same_padding(input_hw[1], conv.kernel_size[1], conv.stride[1])
         symmetric = top == bottom and left == right
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+        kernel = cast(tuple[int, int], tuple(conv.kernel_size))
+        stride = cast(tuple[int, int], tuple(conv.stride))
+        super().__init__(conv.in_channels, conv.out_channels, kernel, stride,
                          padding=(top, left) if symmetric else 0, groups=conv.groups,
                          bias=conv.bias is not None, device=conv.weight.device,
                          dtype=conv.weight.dtype)
@@ -145,8 +149,11 @@ class PointwiseLinear(nn.Module):
 
 
 def _is_pointwise(module: nn.Module) -> bool:
-    return type(module) in (nn.Conv2d, Conv2dSame) and module.kernel_size == (1, 1) and \
-        module.stride == (1, 1) and module.groups == 1 and module.padding in ((0, 0), "valid")
+    if type(module) not in (nn.Conv2d, Conv2dSame):
+        return False
+    conv = cast(nn.Conv2d, module)
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and \
+        conv.padding in ((0, 0), "valid")
 
 
 def _conv_input_sizes(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, set]:
@@ -184,7 +191,7 @@ class OptimizedEfficientDet(nn.Module):
     def __init__(self, net: nn.Module, image_size: tuple[int, int], channels_last: bool):
         super().__init__()
         self.net = net
-        self.image_size = tuple(image_size)
+        self.image_size: tuple[int, int] = (int(image_size[0]), int(image_size[1]))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     @property
@@ -213,25 +220,27 @@ def optimize(model: nn.Module, image_size: Optional[tuple[int, int]] = None,
     config's). ``compile=True`` wraps it in ``torch.compile(inductor, freezing)``: minutes on
     the first call (see the module doc), then faster; calls with taps are not compiled."""
     from .config import parse_image_size
-    image_size = parse_image_size(image_size) if image_size is not None else \
-        tuple(model.config.image_size)
+    config: Any = model.config
+    size: tuple[int, int] = parse_image_size(image_size) if image_size is not None else \
+        (int(config.image_size[0]), int(config.image_size[1]))
     net = copy.deepcopy(model).eval()
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    sizes = _conv_input_sizes(net, image_size)
+    sizes = _conv_input_sizes(net, size)
     for name, seen in sizes.items():
         if len(seen) == 1:
-            _set_module(net, name, StaticSameConv2d(net.get_submodule(name), next(iter(seen))))
+            conv = cast(Conv2dSame, net.get_submodule(name))
+            _set_module(net, name, StaticSameConv2d(conv, next(iter(seen))))
     for module in list(net.modules()):
         _fold_module(module)
-    net.class_net = FoldedHead(net.class_net)
-    net.box_net = FoldedHead(net.box_net)
+    net.class_net = FoldedHead(cast(HeadNet, net.class_net))
+    net.box_net = FoldedHead(cast(HeadNet, net.box_net))
     if channels_last:
         for name, module in list(net.named_modules()):
             if _is_pointwise(module):
                 _set_module(net, name, PointwiseLinear(module))
-        net = net.to(memory_format=torch.channels_last)
-    optimized = OptimizedEfficientDet(net, image_size, channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimized = OptimizedEfficientDet(net, size, channels_last)
     if compile:
         return CompiledEfficientDet(optimized)
     return optimized

@@ -16,12 +16,13 @@ Inputs everywhere: ``cls_logits [N, A, num_classes]`` raw logits and ``box_delta
 ``anchors_yxyx [A, 4]`` in network-input pixels; ``image_scales [N]`` = ``image_scale_to_original``
 from preprocessing. Everything is computed in float32, as TF does.
 
+Candidate order is TF's: pre-NMS ``top_k`` candidates (``max_nms_inputs > 0``) come in
+``tf.math.top_k(sorted=False)``'s heap order (:mod:`model.tf_topk`), the best class per anchor is
+the first maximum (``tf.math.argmax``), so exact score ties -- common once sigmoid saturates at 1.0
+-- resolve as in automl (NMS prefers the earlier candidate, nms_np the first row).
+
 Known differences from automl (beyond the NMS ones documented in ``model/nms.py``):
 
-* Pre-NMS ``top_k`` candidates (``max_nms_inputs > 0``): automl uses ``tf.math.top_k(sorted=False)``,
-  whose output order is TF's internal heap order; here they are in ``sorted=True`` order (logit
-  descending, ties to the lower flat index). The order only matters when two candidates of one
-  class have exactly equal scores (NMS then prefers the earlier one).
 * ``sigmoid`` / ``exp`` are PyTorch's; TF's Eigen kernels differ by <= 2 ulp (sigmoid: max abs
   difference 1.8e-7 on [-12, 20]; both round to exactly 1.0 from logit 16.6355 up).
 """
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .box_coder import decode_boxes
 from .nms import NP_METHODS, batched_nms_np, batched_non_max_suppression_v5, numpy_argsort
+from .tf_topk import tf_top_k_unsorted
 
 # automl tf2/postprocess.py: output classes are 1-based COCO ids.
 CLASS_OFFSET = 1
@@ -121,17 +123,21 @@ class Detections:
     Attributes:
         boxes_yxyx: ``[N, K, 4]`` float32 (ymin, xmin, ymax, xmax) in original-image pixels.
         scores: ``[N, K]`` float32 (soft-NMS: decayed scores).
-        classes: ``[N, K]`` float32 1-based COCO class ids.
+        classes: ``[N, K]`` 1-based class ids: float32 as automl's graph gives them, int64 from
+            ``EfficientDet.predict``.
         valid: ``[N]`` int64, number of real rows; rows past it are padding, laid out as automl
             lays them out: global -> copies of pre-NMS candidate 0 (its clipped, scaled box and its
             class) with score 0 (TF pads the NMS indices with 0); per_class -> all zeros;
             pyfunc -> zero box, score ``DUMMY_DETECTION_SCORE`` (-1e5), class 0.
+        names: per image, the class names of its ``valid`` rows (``predict(names=True)``), else
+            None.
     """
 
     boxes_yxyx: Tensor
     scores: Tensor
     classes: Tensor
     valid: Tensor
+    names: list[list[str]] | None = None
 
 
 def _check_heads(cls_logits: Tensor, box_deltas: Tensor, anchors_yxyx: Tensor) -> None:
@@ -159,18 +165,11 @@ def _scales_tensor(image_scales: Scales, batch: int, like: Tensor) -> Tensor:
 
 
 def _top_flat_indices(flat: Tensor, k: int) -> Tensor:
-    """Per row, the ``k`` largest entries of ``flat [N, M]`` in ``tf.math.top_k(sorted=True)`` order:
-    value descending, exact ties to the lower index (TF's documented tie rule)."""
-    kth = torch.topk(flat, k, dim=1).values[:, -1:]                           # [N, 1]
-    above = flat > kth
-    at = flat == kth
-    # Fill up with the lowest-index entries equal to the k-th value.
-    room = k - above.sum(dim=1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at.long(), dim=1) <= room))
-    index = torch.nonzero(chosen)[:, 1].reshape(flat.shape[0], k)             # ascending index
-    values = torch.gather(flat, 1, index)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return torch.gather(index, 1, order)
+    """Per row, the ``k`` largest entries of ``flat [N, M]`` in ``tf.math.top_k(sorted=False)``
+    order (TF's heap layout, :mod:`model.tf_topk`); computed on the CPU."""
+    rows = flat.detach().cpu().numpy()
+    index = np.stack([tf_top_k_unsorted(row, k) for row in rows])
+    return torch.from_numpy(index).to(flat.device)
 
 
 # Port of automl efficientdet/tf2/postprocess.py::pre_nms (+ topk_class_boxes) @ 6a54c87
@@ -181,7 +180,8 @@ def pre_nms(
 
     ``max_nms_inputs == 0``: every anchor once, with its max logit and argmax class (ties to the
     lower class id). ``> 0``: the ``max_nms_inputs`` best (anchor, class) pairs by logit over all
-    anchors and classes, so one anchor can appear under several classes.
+    anchors and classes, so one anchor can appear under several classes, in the order
+    ``tf.math.top_k(sorted=False)`` returns them (which decides exact score ties downstream).
 
     Returns:
         ``(boxes_yxyx [N, K, 4], scores [N, K], classes [N, K] int64)`` in network-input pixels,
@@ -201,7 +201,9 @@ def pre_nms(
         deltas = torch.gather(box_deltas, 1, anchor_index[..., None].expand(-1, -1, 4))
         boxes = decode_boxes(deltas, anchors[anchor_index])
     else:
-        logits, classes = cls_logits.max(dim=-1)
+        # torch.argmax and tf.math.argmax both return the first maximum.
+        classes = cls_logits.argmax(dim=-1)
+        logits = torch.gather(cls_logits, 2, classes[..., None])[..., 0]
         boxes = decode_boxes(box_deltas, anchors)
     return boxes, torch.sigmoid(logits), classes
 

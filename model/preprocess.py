@@ -35,29 +35,100 @@ ImageLike = Union[np.ndarray, Tensor]
 ChannelStats = Union[float, Sequence[float]]
 
 
+# 16-bit grey PIL modes; Pillow reduces 16-bit RGB(A)/LA PNGs to 8 bits itself, but converts
+# these to RGB by clipping at 255 (a 16-bit grey PNG would come out almost all white).
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_UINT16_TO_8 = 257.0   # 65535 / 255
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as an RGB ``uint8`` array ``[H, W, 3]``: grey, palette, CMYK and RGBA are
+    converted with PIL (alpha dropped), 16-bit grey is scaled by 255/65535 and rounded.
+
+    Raises ``ValueError`` for 32-bit float images (mode ``F``) and integer images outside 16 bits.
+    """
+    if image.mode in _GREY16_MODES:
+        grey = np.asarray(image)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"image mode {image.mode!r} holds values outside 0..65535")
+        grey8 = np.rint(grey.astype(np.float64) / _UINT16_TO_8).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError("32-bit float images (PIL mode 'F') are not supported; "
+                         "convert them to 8-bit RGB first")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
 def load_image(path: str | PathLike[str]) -> np.ndarray:
     """Decode an image file to an RGB ``uint8`` array ``[H, W, 3]`` with PIL.
 
     This is what automl's TF2 inference entry points do (``np.array(Image.open(f))``); PIL's JPEG
-    decoder differs from ``tf.io.decode_image`` (see the module docstring). Grey-scale, palette and
-    RGBA files are converted to RGB; EXIF orientation is *not* applied (automl does not apply it).
+    decoder differs from ``tf.io.decode_image`` (see the module docstring). Grey-scale, palette,
+    16-bit and RGBA files are converted to RGB as :func:`pil_to_rgb` says; EXIF orientation is
+    *not* applied (automl does not apply it). Raises ``OSError`` for a missing or undecodable file.
     """
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        return pil_to_rgb(image)
+
+
+def check_image(image: object) -> ImageLike:
+    """Enforce the input contract of :func:`resize_and_pad` / ``EfficientDet.predict``; returns
+    the image as an array or tensor the pipeline takes (PIL images decoded, uint16 scaled).
+
+    Accepted: a PIL image; a numpy ``[H, W, 3]`` RGB array of dtype uint8 (0..255), uint16
+    (0..65535, scaled to 0..255) or float (values in 0..255, as automl feeds them); a torch
+    ``[3, H, W]`` tensor with the same dtypes. Refused with a ``ValueError`` / ``TypeError`` naming
+    the shape and dtype: grey ``[H, W]`` or 4-channel arrays, bool / signed-int / complex dtypes,
+    non-finite floats, floats outside 0..255, and non-zero floats whose maximum is at most 1 (a
+    0..1 image: multiply it by 255).
+    """
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        layout, shape, dtype = "[H, W, 3]", image.shape, image.dtype
+        channels_ok = image.ndim == 3 and image.shape[2] == 3
+        kind = "numpy array"
+    elif isinstance(image, Tensor):
+        layout, shape, dtype = "[3, H, W]", tuple(image.shape), image.dtype
+        channels_ok = image.ndim == 3 and image.shape[0] == 3
+        kind = "tensor"
+    else:
+        raise TypeError(f"expected an image path, a PIL image, a numpy array or a torch tensor, "
+                        f"got {type(image).__name__}")
+    if not channels_ok:
+        hint = " (grey? stack it to 3 channels)" if len(shape) == 2 else \
+            " (RGBA? drop the alpha channel)" if 4 in shape[-1:] + shape[:1] else ""
+        raise ValueError(f"expected an RGB {kind} {layout}, got shape {tuple(shape)}{hint}")
+    if any(side == 0 for side in shape):
+        raise ValueError(f"empty image of shape {tuple(shape)}")
+    name = str(dtype).replace("torch.", "")
+    if name == "uint8":
+        return image
+    if name == "uint16":
+        return image.astype(np.float32) / np.float32(_UINT16_TO_8) if isinstance(image, np.ndarray) \
+            else image.to(torch.float32) / _UINT16_TO_8
+    if name not in ("float16", "bfloat16", "float32", "float64"):
+        raise ValueError(f"unsupported image dtype {name} (shape {tuple(shape)}); "
+                         f"use uint8 (0..255), uint16 or float in 0..255")
+    values = torch.as_tensor(image) if isinstance(image, np.ndarray) else image
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"float image {tuple(shape)} holds NaN or Inf")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 255.0:
+        raise ValueError(f"float image values must lie in 0..255, got {low:g}..{high:g}")
+    if 0.0 < high <= 1.0:
+        raise ValueError(f"float image values lie in 0..{high:g}: scale a 0..1 image to 0..255 "
+                         f"(automl feeds raw pixel values)")
+    return image
 
 
 def _to_chw_float32(image: ImageLike) -> Tensor:
-    """``[H, W, 3]`` numpy (uint8/float) or ``[3, H, W]`` tensor -> float32 ``[3, H, W]`` tensor."""
+    """``[H, W, 3]`` numpy array or ``[3, H, W]`` tensor (checked by :func:`check_image`) ->
+    float32 ``[3, H, W]`` tensor."""
+    image = check_image(image)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an RGB HWC array [H, W, 3], got shape {image.shape}")
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    if isinstance(image, Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(
-                f"expected an RGB CHW tensor [3, H, W], got shape {tuple(image.shape)}")
-        return image.to(torch.float32)
-    raise TypeError(f"expected a numpy array or a torch tensor, got {type(image).__name__}")
+    return image.to(torch.float32)
 
 
 def _channel_tensor(stats: ChannelStats, like: Tensor, name: str) -> Tensor:
@@ -139,8 +210,8 @@ def resize_and_pad(
     """Preprocess one RGB image for the network the way automl's inference does.
 
     Args:
-        image: RGB ``[H, W, 3]`` numpy array (uint8 or float) or ``[3, H, W]`` tensor (any real
-            dtype, any device; the result stays on that device).
+        image: RGB ``[H, W, 3]`` numpy array or ``[3, H, W]`` tensor (any device; the result
+            stays on that device), or a PIL image; dtypes as :func:`check_image` accepts them.
         target_hw: network input ``(H_t, W_t)``.
         mean_rgb, stddev_rgb: a scalar (lite: 127.0 / 128.0) or one value per RGB channel
             (imagenet: ``[123.675, 116.28, 103.53]`` / ``[58.395, 57.12, 57.375]``).

@@ -6,6 +6,7 @@ Every layer that must behave like its Keras counterpart is built here, so the re
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -53,7 +54,7 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
-def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+def pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
              value: float = 0.0) -> torch.Tensor:
     """Pads an NCHW tensor so a VALID op afterwards equals TF 'SAME'."""
     top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])

@@ -14,9 +14,10 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:   # torch is imported on use: the command lines read WEIGHT_SUFFIXES from here
+    import torch
 
 from model.temp_files import sweep_stale, temp_file
 
@@ -132,6 +133,7 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
     Raises:
         DestinationError: the file cannot be written (disk full, exists without overwrite).
     """
+    import torch
     path = Path(path)
     suffix = check_suffix(path)
     tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
@@ -154,6 +156,7 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Returns ``(state_dict, metadata)`` from a file written by ``save_weights``."""
+    import torch
     path = Path(path)
     suffix = check_suffix(path)
     if not path.is_file():
@@ -173,6 +176,31 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu"
     except Exception as error:  # torch raises many types for a damaged or foreign file
         raise ValueError(f"{path}: not a readable weights file "
                          f"({type(error).__name__}: {error})") from None
+    if isinstance(payload, dict) and payload and "state_dict" not in payload and \
+            all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ValueError(f"{path}: a bare state_dict without config (torch.save); save models "
+                         f"with model.save_pretrained(path) to reload them with from_pretrained")
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(f"{path}: not a weights file written by this toolkit")
     return payload["state_dict"], payload.get("metadata", {})
+
+
+def check_state_dict(state_dict: Mapping[str, Any], source: str) -> None:
+    """Raises ``ValueError`` unless every entry is a tensor, floating ones all finite."""
+    import torch
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{source}: state_dict is a {type(state_dict).__name__}, not a mapping")
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{source}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {key} holds NaN or Inf values")
+
+
+def __getattr__(name: str) -> Any:
+    """``model.weights_io.torch`` is torch, imported on first use like everywhere in this module
+    (the command lines import this module for ``--help`` without loading torch)."""
+    if name == "torch":
+        import torch
+        return torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

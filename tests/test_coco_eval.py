@@ -527,6 +527,7 @@ def test_cli_interrupt_keeps_work_and_the_same_command_resumes(dataset, fake_mod
     assert json.loads(results.read_text()) and not coco_lib.partial_path_for(results).exists()
 
 
+@pytest.mark.slow   # a real d0 over the fixture images + pycocotools: ~18 s under load
 def test_cli_full_run_with_the_real_model(dataset):
     """No fake: a randomly initialised lite0 saved as `convert` saves it, run through
     EfficientDet.predict (automl preprocessing + per_class post-processing) and pycocotools."""

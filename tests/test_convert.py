@@ -32,15 +32,17 @@ MANIFEST_DIRS = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/manifest.jso
 # d0 / lite* / odd sizes 1-2.5 s each, d1-d3 1.5-3.5 s, d4 ~6 s, d5 ~5 s, d6 ~8 s, d7 ~10 s,
 # d7x ~12 s (d5 and up: 270-620 MB checkpoints). BIG variants are written without optimizer
 # slots (half the bytes; slots are covered by the d0 tests) and compare a deterministic subset
-# of tensors; SLOW ones only run with the slow tests.
+# of tensors. The quick suite (-m "not slow") converts the d0 / lite0 family and the odd
+# sizes; every other variant runs with the slow tests.
 BIG = {"efficientdet-d4", "efficientdet-d5", "efficientdet-d6", "efficientdet-d7",
        "efficientdet-d7x"}
-SLOW = BIG - {"efficientdet-d4"}
+QUICK = {"efficientdet-d0", "efficientdet-d0-nc20", "efficientdet-d0-600x420",
+         "efficientdet-lite0", "efficientdet-lite1-500x340"}
 SUBSET_STRIDE = 7           # big variants: every 7th tensor by TF name, plus the special ones
 
 
 def _param(dir_name: str):
-    return pytest.param(dir_name, marks=pytest.mark.slow) if dir_name in SLOW else dir_name
+    return dir_name if dir_name in QUICK else pytest.param(dir_name, marks=pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

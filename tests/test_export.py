@@ -151,3 +151,10 @@ def test_convert_to_rejects_a_tf_checkpoint(tmp_path):
                                                "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 3 and "needs PyTorch weights" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_format_names_without_torch_list_every_exporter():
+    from converter.export_formats import FORMAT_NAMES, GRAPH_FORMATS
+    assert tuple(EXPORT_FORMATS) == FORMAT_NAMES
+    assert set(GRAPH_FORMATS) <= set(FORMAT_NAMES)
+    assert set(EXPORT_SUFFIXES.values()) <= set(GRAPH_FORMATS)

@@ -545,3 +545,12 @@ def test_damaged_weights_file_is_a_value_error(tmp_path, suffix):
     path.write_bytes(b"not weights at all")
     with pytest.raises(ValueError, match="not a readable weights file"):
         load_weights(path)
+
+
+@pytest.mark.parametrize("path", ["global", "per_class", "pyfunc"])
+def test_predict_honours_max_nms_inputs_on_every_path(path, single_thread):
+    torch.manual_seed(0)
+    model = EfficientDet.from_config("efficientdet-lite0", image_size="128x128").eval()
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    assert int(model.predict(image, postprocess=path).valid[0]) == 100
+    assert int(model.predict(image, postprocess=path, max_nms_inputs=3).valid[0]) <= 3

@@ -198,3 +198,19 @@ def test_live_checkpoint_without_ema_names_the_fix(tmp_path):
     with pytest.raises(LiveTFError) as excinfo:
         tf_reference(AUTOML_DIR, prefix.parent, get_config(D0))
     _assert_one_line(excinfo, "ExponentialMovingAverage", "moving_average_decay=0")
+
+
+@needs_automl
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_live_mode_compares_our_preprocessing_with_tfs_input(live_d0):
+    """Live mode feeds the network TF's input; our preprocessing of the same image is still
+    compared with it as the input/image tap."""
+    import dataclasses
+    from model import EfficientDet
+    from verify.parity import network_input
+    reference = dataclasses.replace(live_d0, image_file=REFERENCE_DIR / "img1.jpg")
+    image, scale, check = network_input(EfficientDet.from_config(D0), reference)
+    assert check.name == "input/image" and check.ok, check
+    assert scale == reference.image_scale_to_original
+    np.testing.assert_array_equal(image.permute(0, 2, 3, 1).numpy(), live_d0.input.values)

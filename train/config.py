@@ -6,14 +6,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from model.loss import LossConfig
+from model.loss_config import LossConfig
 
 LR_DECAY_METHODS = ("cosine", "stepwise", "polynomial")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """What automl's ``default_detection_configs`` sets for training (same names)."""
+class TrainConfig(LossConfig):
+    """What automl's ``default_detection_configs`` sets for training (same names); the loss
+    fields (alpha, gamma, ...) are :class:`LossConfig`'s."""
 
     batch_size: int = 64              # global batch (all processes together)
     num_epochs: int = 300
@@ -35,16 +36,9 @@ class TrainConfig:
     jitter_min: float = 0.1
     jitter_max: float = 2.0
     skip_crowd_during_training: bool = True
-    # Loss (train_lib.py).
-    alpha: float = 0.25
-    gamma: float = 1.5
-    label_smoothing: float = 0.0
-    delta: float = 0.1
-    box_loss_weight: float = 50.0
-    iou_loss_type: Optional[str] = None
-    iou_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()   # validates iou_loss_type
         if self.lr_decay_method not in LR_DECAY_METHODS:
             raise ValueError(f"unknown lr_decay_method {self.lr_decay_method!r}; "
                              f"known: {', '.join(LR_DECAY_METHODS)}")
@@ -52,7 +46,6 @@ class TrainConfig:
             raise ValueError("batch_size and num_epochs must be positive")
         if not 0 < self.jitter_min <= self.jitter_max:
             raise ValueError("need 0 < jitter_min <= jitter_max")
-        self.loss_config()   # validates iou_loss_type
         if self.var_freeze_expr is not None:
             try:
                 re.compile(self.var_freeze_expr)

@@ -7,7 +7,6 @@ Library code raises typed exceptions; only the CLI edge turns them into ``click.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -20,7 +19,6 @@ EXIT_USAGE = 2          # bad command line (click's own code)
 EXIT_INPUT = 3          # missing or corrupt input file
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
-DISTRIBUTION = "effdet-tf-port"
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
 LOGGED_PACKAGES = ("verify", "model", "converter", "mappings")
 
@@ -48,11 +46,9 @@ def library_errors(*errors: type[BaseException], code: int = EXIT_INPUT) -> Iter
 
 
 def package_version() -> str:
-    """Installed version of the ``effdet-tf-port`` distribution, '0.0.0' when not installed."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
+    """This project's version (``model/_version.py``, which setup.cfg reads too)."""
+    from model._version import __version__
+    return __version__
 
 
 class _StderrHandler(logging.Handler):
@@ -87,3 +83,28 @@ def setup_logging(quiet: bool) -> None:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+
+
+DEVICE_HELP = "Torch device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."
+
+
+def device_option(function: Any) -> Any:
+    """The ``--device`` option every command shares (one default: auto)."""
+    return click.option("--device", default="auto", show_default=True, metavar="DEVICE",
+                        callback=_check_device, help=DEVICE_HELP)(function)
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    name = value.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise click.BadParameter(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return name
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; other names unchanged."""
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,16 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from pycocotools.coco import COCO
-
 from converter.archive import sha256_file
+from converter.cache import default_cache_dir
 from model.weights_io import DestinationError, check_destination
 from verify import coco as coco_lib
-from verify.coco import distributed
-from verify.coco.distributed import DistributedSetupError, RankGroup, RanksFailed
 from verify.cli_utils import (
     CONTEXT_SETTINGS,
     EXIT_FAILURE,
@@ -32,20 +30,29 @@ from verify.cli_utils import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     CliError,
+    device_option,
     fail,
     library_errors,
+    package_version,
     setup_logging,
 )
+
+if TYPE_CHECKING:   # torch and pycocotools load when the command runs, not for --help
+    from pycocotools.coco import COCO
+
+    from verify.coco.distributed import RankGroup
 
 logger = logging.getLogger(__name__)
 
 
 def default_results_path(weights: Path, postprocess: str) -> Path:
-    """``./<weights stem>.<postprocess>.coco_results.json`` in the current directory."""
-    return Path.cwd() / f"{weights.stem}.{postprocess}.coco_results.json"
+    """``<cache>/coco-results/<weights stem>.<postprocess>.coco_results.json``; the cache is
+    ``$EFFDET_CACHE`` or ``~/.cache/effdet-tf-port`` (created on use), never the current folder."""
+    return default_cache_dir() / "coco-results" / f"{weights.stem}.{postprocess}.coco_results.json"
 
 
-@click.command("coco", context_settings=CONTEXT_SETTINGS)
+@click.command("coco", context_settings=CONTEXT_SETTINGS,
+               short_help="COCO bbox mAP of converted weights beside automl's published AP.")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Converted weights (.pth or .safetensors) written by `convert`.")
 @click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -62,16 +69,17 @@ def default_results_path(weights: Path, postprocess: str) -> Path:
               help="Use only the first N images by id (a subset is not compared with the "
                    "published AP).")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, show_default="./<weights stem>.<postprocess>.coco_results.json",
+              default=None,
+              show_default="$EFFDET_CACHE or ~/.cache/effdet-tf-port, then "
+                           "coco-results/<weights stem>.<postprocess>.coco_results.json",
               help="COCO results JSON to write; an interrupted run leaves "
                    "<results>.partial.jsonl (under torchrun one per rank: "
                    "<results>.rank<R>-of-<W>.partial.jsonl) and the same command resumes "
                    "from it, with any number of processes.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the JSON report to this file.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              show_default="cuda if available",
-              help="Torch device for the model (under torchrun each rank uses cuda:LOCAL_RANK).")
+@click.version_option(package_version(), "--version", prog_name="verify coco")
+@device_option
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=coco_lib.DEFAULT_TOLERANCE_AP,
               help="Allowed |AP - published AP| in AP points for a full val2017 run.")
 @click.option("--json", "as_json", is_flag=True,
@@ -88,6 +96,11 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
     notes go to stderr. Under torchrun (`torchrun --nproc_per_node N -m verify coco ...`) the
     images are split over the processes and rank 0 reports.
     """
+    from verify.coco import distributed
+    from verify.coco.distributed import DistributedSetupError, RankGroup, RanksFailed
+
+    if device == "auto":   # cuda when available (under torchrun: each rank's cuda:LOCAL_RANK)
+        device = None
     try:
         group = RankGroup.from_env(describe=_describe_failure)
     except DistributedSetupError as exc:
@@ -97,7 +110,9 @@ def coco(ctx: click.Context, weights: Path, images: Path, annotations: Path, pos
         rank_device = distributed.rank_device(group, device)
     except DistributedSetupError as exc:
         fail(f"rank {group.rank}: {exc}", EXIT_USAGE)
-    results_path = results_path or default_results_path(weights, postprocess)
+    if results_path is None:
+        results_path = default_results_path(weights, postprocess)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
     with distributed.process_group(group, rank_device):
         try:
             with _library_errors():
@@ -211,4 +226,5 @@ def _describe_failure(error: BaseException) -> tuple[int, str]:
         if isinstance(error, error_type):
             return code, str(error)
     logger.error("unexpected error on this rank", exc_info=error)
+    from verify.coco import distributed
     return distributed.describe_failure(error)

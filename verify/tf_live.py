@@ -166,8 +166,9 @@ def _import_tensorflow() -> Any:
     if has_tf_keras:
         # Read by TF's lazy ``tf.keras`` loader on first access, not at ``import tensorflow``.
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    from converter.tf_quiet import import_tensorflow_quietly
     try:
-        import tensorflow as tf
+        tf = import_tensorflow_quietly()
     except ImportError as error:
         raise LiveTFError(f"live TF mode needs TensorFlow (pip install tensorflow-cpu): "
                           f"{error}") from None

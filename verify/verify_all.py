@@ -66,15 +66,21 @@ def run_case(case: Case, synth: Path, work: Path, parity_flags: tuple[str, ...] 
         [sys.executable, "-m", "verify", "parity", "--weights", str(weights), "--golden",
          str(case.folder), "--golden-name", case.stem, "--report", str(report), "--quiet", *parity_flags],
     ]
+    # A reused work dir must not lend this run an earlier run's outputs.
+    for stale in (weights, report):
+        stale.unlink(missing_ok=True)
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         # parity exits 1 on a mismatch and still writes its report; anything else is an error.
-        failed = not report.exists() if step is steps[-1] else done.returncode != 0
-        if failed:
-            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        allowed = (0, 1) if step is steps[-1] else (0,)
+        if done.returncode not in allowed or (step is steps[-1] and not report.exists()):
+            tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
             return {"name": case.name, "ok": False, "error": f"{Path(step[1]).name}: {tail}",
                     "seconds": time.perf_counter() - started}
     data = json.loads(report.read_text())
+    if data["ok"] != (done.returncode == 0):
+        return {"name": case.name, "ok": False, "seconds": time.perf_counter() - started,
+                "error": f"parity exit code {done.returncode} disagrees with its report"}
     taps = data["taps"]
     return {"name": case.name, "ok": data["ok"],
             "taps": f"{sum(t['ok'] for t in taps)}/{len(taps)}",

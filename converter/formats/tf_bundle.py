@@ -9,7 +9,6 @@ TensorFlow is imported lazily so that H5-only use does not need it.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,10 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, IndexError, OSError
 
 
 def import_tensorflow() -> ModuleType:
-    """Import TensorFlow quietly (``TF_CPP_MIN_LOG_LEVEL=2`` unless already set)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Import TensorFlow quietly (see ``converter.tf_quiet``)."""
+    from converter.tf_quiet import import_tensorflow_quietly
     try:
-        import tensorflow as tf  # noqa: PLC0415 - heavy optional dependency, imported on use
+        tf = import_tensorflow_quietly()
     except ImportError as exc:
         raise ConversionError(
             f"reading TF checkpoints needs TensorFlow ({exc}); install the 'tf' extra"

@@ -17,43 +17,49 @@ Independent parts, so that each can be tested without the others:
 
 Errors in the inputs raise subclasses of :class:`CocoEvalError` (:mod:`~verify.coco.errors`);
 the CLI turns them into one-line messages.
+
+Names are imported on first use (PEP 562), so that ``verify --help`` and ``verify coco``'s option
+defaults do not load torch.
 """
 
-from verify.coco.data import load_annotations, load_image
-from verify.coco.distributed import RankGroup, RanksFailed
-from verify.coco.errors import (
-    AnnotationsError,
-    CocoEvalError,
-    ImageError,
-    ModelLoadError,
-    PredictionError,
-    ResultsError,
-    ResumeError,
-)
-from verify.coco.inference import (
-    PARTIAL_FORMAT,
-    PARTIAL_SUFFIX,
-    InferenceResult,
-    PredictFn,
-    partial_path_for,
-    run_inference,
-)
-from verify.coco.metrics import METRIC_NAMES, CocoMetrics, evaluate
-from verify.coco.model_loader import (
-    POSTPROCESS_MODES,
-    LoadedModel,
-    effective_score_thresh,
-    load_model,
-)
-from verify.coco.official import OFFICIAL_AP, OfficialAP
-from verify.coco.report import (
-    DEFAULT_TOLERANCE_AP,
-    CocoReport,
-    build_report,
-    format_table,
-    write_report,
-)
-from verify.coco.results import DetectionsLike, detections_to_results
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_annotations": "verify.coco.data",
+    "load_image": "verify.coco.data",
+    "RankGroup": "verify.coco.distributed",
+    "RanksFailed": "verify.coco.distributed",
+    "AnnotationsError": "verify.coco.errors",
+    "CocoEvalError": "verify.coco.errors",
+    "ImageError": "verify.coco.errors",
+    "ModelLoadError": "verify.coco.errors",
+    "PredictionError": "verify.coco.errors",
+    "ResultsError": "verify.coco.errors",
+    "ResumeError": "verify.coco.errors",
+    "PARTIAL_FORMAT": "verify.coco.inference",
+    "PARTIAL_SUFFIX": "verify.coco.inference",
+    "InferenceResult": "verify.coco.inference",
+    "PredictFn": "verify.coco.inference",
+    "partial_path_for": "verify.coco.inference",
+    "run_inference": "verify.coco.inference",
+    "METRIC_NAMES": "verify.coco.metrics",
+    "CocoMetrics": "verify.coco.metrics",
+    "evaluate": "verify.coco.metrics",
+    "POSTPROCESS_MODES": "verify.coco.model_loader",
+    "LoadedModel": "verify.coco.model_loader",
+    "effective_score_thresh": "verify.coco.model_loader",
+    "load_model": "verify.coco.model_loader",
+    "OFFICIAL_AP": "verify.coco.official",
+    "OfficialAP": "verify.coco.official",
+    "DEFAULT_TOLERANCE_AP": "verify.coco.report",
+    "CocoReport": "verify.coco.report",
+    "build_report": "verify.coco.report",
+    "format_table": "verify.coco.report",
+    "write_report": "verify.coco.report",
+    "DetectionsLike": "verify.coco.results",
+    "detections_to_results": "verify.coco.results",
+}
 
 __all__ = [
     "AnnotationsError", "CocoEvalError", "ImageError", "ModelLoadError", "PredictionError",
@@ -68,3 +74,9 @@ __all__ = [
     "POSTPROCESS_MODES", "LoadedModel", "effective_score_thresh", "load_model",
     "DEFAULT_TOLERANCE_AP", "CocoReport", "build_report", "format_table", "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'verify.coco' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

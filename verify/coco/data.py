@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from model import preprocess
 from verify.coco.errors import AnnotationsError, ImageError
 
 logger = logging.getLogger(__name__)
@@ -125,6 +124,7 @@ def as_coco(annotations: str | os.PathLike[str] | COCO) -> COCO:
 def load_image(path: Path) -> np.ndarray:
     """:func:`model.preprocess.load_image` (HWC RGB uint8), an unreadable file raised as
     :class:`ImageError`."""
+    from model import preprocess   # torch: imported on use, not by `verify --help`
     try:
         return preprocess.load_image(path)
     except OSError as exc:  # includes PIL's UnidentifiedImageError

@@ -197,11 +197,13 @@ def backend_for(device: torch.device) -> str:
 def rank_device(group: RankGroup, requested: str | None) -> torch.device:
     """This rank's torch device: ``cuda:LOCAL_RANK`` for cuda (or for None when CUDA is available
     and the group is distributed), else ``cpu``. One process keeps ``cuda`` on the current device."""
-    wants_cuda = requested == "cuda" or (requested is None and torch.cuda.is_available())
+    wants_cuda = (requested or "").startswith("cuda") or \
+        (requested is None and torch.cuda.is_available())
     if not wants_cuda:
         return torch.device("cpu")
     if not group.is_distributed:
-        return torch.device("cuda")
+        return torch.device(requested or "cuda")   # 'cuda' or an explicit 'cuda:N'
+
     count = torch.cuda.device_count()
     if group.local_rank >= count:
         raise DistributedSetupError(f"LOCAL_RANK={group.local_rank} but this node has {count} CUDA "

@@ -150,30 +150,6 @@ def run_inference(
     run_info: Mapping[str, Any] | None = None,
     group: RankGroup = SINGLE_PROCESS,
 ) -> InferenceResult:
-    """:func:`_run_inference` while holding a lock on this rank's partial file: a second run
-    with the same results path fails with :class:`ResumeError` instead of corrupting the first
-    one's files."""
-    partial = partial_path_for(results_path, group.rank, group.world_size)
-    with contextlib.ExitStack() as held:
-        with group.agreed():
-            held.enter_context(results_lock(partial))
-        return _run_inference(predict_fn, image_dir, annotations, batch_size=batch_size,
-                              results_path=results_path, max_images=max_images,
-                              progress=progress, run_info=run_info, group=group)
-
-
-def _run_inference(
-    predict_fn: PredictFn,
-    image_dir: str | os.PathLike[str],
-    annotations: str | os.PathLike[str] | COCO,
-    *,
-    batch_size: int,
-    results_path: str | os.PathLike[str],
-    max_images: int | None = None,
-    progress: bool = True,
-    run_info: Mapping[str, Any] | None = None,
-    group: RankGroup = SINGLE_PROCESS,
-) -> InferenceResult:
     """Run ``predict_fn`` over the annotated images and write COCO results JSON.
 
     Images are the annotation file's ``images`` sorted by id (the first ``max_images`` of them),
@@ -186,7 +162,9 @@ def _run_inference(
     list (:func:`~verify.coco.data.run_key`) are stored in its header and must match to resume.
     At the end the results (``[{image_id, category_id, bbox: [x, y, w, h], score}]``, ordered by
     image id) are written atomically to ``results_path`` and the partial file is removed.
-    A progress bar goes to stderr when ``progress`` is true.
+    A progress bar goes to stderr when ``progress`` is true. This rank's partial file is locked
+    for the run: a second run with the same results path fails with :class:`ResumeError`
+    instead of corrupting the first one's files.
 
     With a distributed ``group`` every rank calls this with the same arguments: each runs its
     :meth:`~RankGroup.shard` of the images, keeps its own partial file
@@ -202,65 +180,68 @@ def _run_inference(
     results_path = Path(results_path)
     run_info = dict(run_info or {})
     partial = partial_path_for(results_path, group.rank, group.world_size)
-    with group.agreed():
-        coco = as_coco(annotations)
-        image_dir = Path(image_dir)
-        if not image_dir.is_dir():
-            raise ImageError(f"image directory not found: {image_dir}")
-        if not results_path.parent.is_dir():
-            raise ResultsError(f"directory of the results file does not exist: {results_path.parent}")
-        image_ids = sorted(coco.getImgIds())[:max_images]
-        run_info = {**run_info, **run_key(coco, image_ids)}
-        mine = group.shard(image_ids)
-        earlier_runs = partial_paths_of_other_runs(results_path, group.world_size)
-        done = _resume(partial, earlier_runs, run_info, set(coco.getImgIds()))
-    num_resumed = group.agree(work=sum(1 for image_id in mine if image_id in done))
-    if num_resumed:
-        logger.info("resuming: %d image(s) already done", num_resumed)
-    todo = [image_id for image_id in mine if image_id not in done]
-    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    with contextlib.ExitStack() as held:
+        with group.agreed():
+            held.enter_context(results_lock(partial))
+        with group.agreed():
+            coco = as_coco(annotations)
+            image_dir = Path(image_dir)
+            if not image_dir.is_dir():
+                raise ImageError(f"image directory not found: {image_dir}")
+            if not results_path.parent.is_dir():
+                raise ResultsError(f"directory of the results file does not exist: {results_path.parent}")
+            image_ids = sorted(coco.getImgIds())[:max_images]
+            run_info = {**run_info, **run_key(coco, image_ids)}
+            mine = group.shard(image_ids)
+            earlier_runs = partial_paths_of_other_runs(results_path, group.world_size)
+            done = _resume(partial, earlier_runs, run_info, set(coco.getImgIds()))
+        num_resumed = group.agree(work=sum(1 for image_id in mine if image_id in done))
+        if num_resumed:
+            logger.info("resuming: %d image(s) already done", num_resumed)
+        todo = [image_id for image_id in mine if image_id not in done]
+        batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
 
-    bar = _progress_bar(len(image_ids)) if progress and group.is_root else _NullProgress()
-    try:
-        with bar, open(partial, "a", encoding="utf-8") as out:
-            bar.update(num_resumed)
-            for step in itertools.count():
-                batch = batches[step] if step < len(batches) else []
-                error = None
-                try:
-                    if batch:
-                        images = [load_image(image_dir / coco.imgs[i]["file_name"]) for i in batch]
-                        per_image = detections_to_results(predict_fn(images), batch)
-                        _append(out, zip(batch, per_image))
-                        done.update(zip(batch, per_image))
-                except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, re-raised
-                    error = exc
-                finished = group.agree(error, work=len(batch))  # images finished by all ranks
-                if not finished:
-                    break
-                bar.update(finished)
-    except BaseException:
-        if group.is_root:
-            logger.warning("stopped after %d of %d images%s; finished batches are kept in %s and a "
-                           "re-run with the same results path resumes from there",
-                           sum(1 for image_id in mine if image_id in done), len(mine),
-                           " of rank 0's shard" if group.is_distributed else "",
-                           partial_files_hint(results_path, group.world_size))
-        raise
+        bar = _progress_bar(len(image_ids)) if progress and group.is_root else _NullProgress()
+        try:
+            with bar, open(partial, "a", encoding="utf-8") as out:
+                bar.update(num_resumed)
+                for step in itertools.count():
+                    batch = batches[step] if step < len(batches) else []
+                    error = None
+                    try:
+                        if batch:
+                            images = [load_image(image_dir / coco.imgs[i]["file_name"]) for i in batch]
+                            per_image = detections_to_results(predict_fn(images), batch)
+                            _append(out, zip(batch, per_image))
+                            done.update(zip(batch, per_image))
+                    except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, re-raised
+                        error = exc
+                    finished = group.agree(error, work=len(batch))  # images finished by all ranks
+                    if not finished:
+                        break
+                    bar.update(finished)
+        except BaseException:
+            if group.is_root:
+                logger.warning("stopped after %d of %d images%s; finished batches are kept in %s and a "
+                               "re-run with the same results path resumes from there",
+                               sum(1 for image_id in mine if image_id in done), len(mine),
+                               " of rank 0's shard" if group.is_distributed else "",
+                               partial_files_hint(results_path, group.world_size))
+            raise
 
-    shards = group.gather_to_root({image_id: done[image_id] for image_id in mine})
-    num_detections = sum(len(done[image_id]) for image_id in mine)
-    with group.agreed():
-        if shards is not None:
-            rows = {image_id: dets for shard in shards for image_id, dets in shard.items()}
-            results = [det for image_id in image_ids for det in result_dicts(image_id, rows[image_id])]
-            atomic_write_text(results_path, json.dumps(results, separators=(",", ":")))
-            num_detections = len(results)
-            logger.info("wrote %d detections for %d images to %s", num_detections, len(image_ids),
-                        results_path)
-    for path in (partial, *earlier_runs):
-        path.unlink(missing_ok=True)  # several ranks may share the earlier runs' files
-    return InferenceResult(results_path, tuple(image_ids), num_detections, num_resumed)
+        shards = group.gather_to_root({image_id: done[image_id] for image_id in mine})
+        num_detections = sum(len(done[image_id]) for image_id in mine)
+        with group.agreed():
+            if shards is not None:
+                rows = {image_id: dets for shard in shards for image_id, dets in shard.items()}
+                results = [det for image_id in image_ids for det in result_dicts(image_id, rows[image_id])]
+                atomic_write_text(results_path, json.dumps(results, separators=(",", ":")))
+                num_detections = len(results)
+                logger.info("wrote %d detections for %d images to %s", num_detections, len(image_ids),
+                            results_path)
+        for path in (partial, *earlier_runs):
+            path.unlink(missing_ok=True)  # several ranks may share the earlier runs' files
+        return InferenceResult(results_path, tuple(image_ids), num_detections, num_resumed)
 
 
 def _append(out: TextIO, finished: Iterable[tuple[int, list[list[float]]]]) -> None:

@@ -10,15 +10,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from model import EfficientDet
 from verify.coco.errors import ModelLoadError
-from verify.coco.inference import PredictFn
-from verify.coco.results import DetectionsLike
+
+if TYPE_CHECKING:   # torch and the model are imported in load_model (fast `verify --help`)
+    import numpy as np
+
+    from verify.coco.inference import PredictFn
+    from verify.coco.results import DetectionsLike
 
 POSTPROCESS_MODES: tuple[str, ...] = ("per_class", "global", "pyfunc")
 
@@ -53,6 +53,9 @@ def load_model(weights: str | os.PathLike[str], *, postprocess: str, device: str
 
     A missing or unreadable weights file or an unavailable device becomes :class:`ModelLoadError`.
     """
+    import torch
+
+    from model import EfficientDet
     if postprocess not in POSTPROCESS_MODES:
         raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
     weights = Path(weights)

@@ -1,0 +1,1 @@
+"""``detect``: run converted weights on images and draw the detections."""
