@@ -13,10 +13,11 @@ from PIL import Image
 from model import EfficientDet
 from model.config import get_config
 from model.preprocess import resize_and_pad
-from model.weights_io import load_weights
+from model.weights_io import load_weights, save_weights
 from train.cli import main
 from train.config import TrainConfig
 from train.data import jitter_resize_crop
+from train.evaluate import coco_ap
 from train.loop import build_model, fine_tune
 from train.step import select_parameters
 
@@ -98,17 +99,58 @@ def _run(out: Path, dataset: Path, config: TrainConfig, **kwargs):
                      image_size=64, config=config, log_every=100, **kwargs)
 
 
+def make_block_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Path:
+    """``count`` plain grey ``size`` x ``size`` images, each with one large solid rectangle of
+    class 1 and 2 in turn: a set small enough to learn by heart. Returns the annotation file."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(count):
+        pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+        cls = 1 + index % 2
+        box_h, box_w = rng.integers(size // 3, 2 * size // 3, 2)
+        y, x = rng.integers(0, size - box_h), rng.integers(0, size - box_w)
+        pixels[y:y + box_h, x:x + box_w] = COLOURS[cls]
+        annotations.append(dict(id=index + 1, image_id=index + 1, category_id=cls,
+                                bbox=[int(x), int(y), int(box_w), int(box_h)],
+                                area=int(box_w * box_h), iscrowd=0))
+        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
+        images.append(dict(id=index + 1, file_name=f"{index}.png", height=size, width=size))
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(dict(images=images, annotations=annotations,
+                                    categories=[dict(id=c, name=str(c)) for c in (1, 2)])))
+    return path
+
+
 @pytest.mark.slow
-def test_short_fine_tune_lowers_the_loss(tmp_path, dataset, single_thread):
-    config = TrainConfig(batch_size=4, num_epochs=20, learning_rate=2.0, map_freq=100)
-    result = _run(tmp_path / "run", dataset, config, val_annotations=dataset)
+def test_short_fine_tune_lowers_the_loss_and_raises_coco_ap(tmp_path, single_thread):
+    """150 steps from random weights overfit four images: COCO AP on them goes from ~0 to > 0.3.
+
+    The steps are many for so few images because BN's moving statistics (Keras momentum 0.99,
+    as automl) must catch up with the trained weights before the eval-mode model detects well:
+    the loss is flat from about step 80 on while AP still climbs (0.49 at step 150 here; 0.40 to
+    0.57 for other seeds and colours).
+    """
+    annotations = make_block_dataset(tmp_path / "data", 4, 64)
+    images = annotations.parent / "images"
+    torch.manual_seed(0)
+    start = build_model(None, VARIANT, 2, 64)
+    start_weights = save_weights(tmp_path / "start.pth", start.state_dict(),
+                                 {"variant": VARIANT, "config": start.config.to_dict()})
+    ap_before = coco_ap(start, annotations, images)
+    config = TrainConfig(batch_size=2, num_epochs=75, learning_rate=4.0, jitter_min=1.0,
+                         jitter_max=1.0, input_rand_hflip=False, map_freq=75)
+    result = fine_tune(annotations, images, tmp_path / "run", weights=start_weights,
+                       config=config, val_annotations=annotations, log_every=1000)
     losses = [record.loss for record in result.history]
-    assert len(losses) == 20 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    assert last < 0.9 * first, losses
-    assert result.history[-1].ap is not None and 0.0 <= result.history[-1].ap <= 1.0
-    model = EfficientDet.from_pretrained(result.weights)
-    assert model.config.num_classes == 3 and model.config.image_size == (64, 64)
+    assert len(losses) == 75 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5]), losses
+    ap_after = result.history[-1].ap
+    assert ap_before < 0.05 and ap_after > 0.3, (ap_before, ap_after)
+    # model.pth is the model that was evaluated.
+    tuned = EfficientDet.from_pretrained(result.weights)
+    assert tuned.config.num_classes == 2 and tuned.config.image_size == (64, 64)
+    assert coco_ap(tuned, annotations, images) == pytest.approx(ap_after, abs=1e-9)
 
 
 @pytest.mark.slow

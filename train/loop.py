@@ -11,7 +11,8 @@ outputs back before its loss.
 Files in ``out_dir``: ``checkpoint.pt`` (model, optimizer, EMA, loss scale, epoch, history; the
 run resumes from it) and ``model.pth`` (the EMA weights, or the raw ones without EMA, in the
 format ``convert`` writes, loadable with ``EfficientDet.from_pretrained``). Both are rewritten
-atomically at the end of every epoch by process 0.
+atomically at the end of every epoch by process 0. The per-epoch COCO AP is of that model, as
+automl's evaluation restores the EMA (its TF2 Keras callback alone evaluates the raw weights).
 """
 from __future__ import annotations
 
