@@ -92,6 +92,9 @@ class ParityReport:
     taps: list[TapResult] = field(default_factory=list)
     detections: list[DetectionResult] = field(default_factory=list)
     tap_rtol: float = TAP_RTOL
+    runtime: str = "eager"
+    # Reference taps the runtime cannot give (an ONNX graph outputs only the head): not compared.
+    unavailable: list[str] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> str | None:
@@ -290,14 +293,23 @@ def network_input(model: EfficientDet, reference: Reference
 @torch.no_grad()
 def run_parity(model: EfficientDet, reference: Reference, weights: str = "", source: str = "",
                device: str = "cpu") -> ParityReport:
-    """Runs ``model`` on the reference input and compares every tap and detection path."""
+    """Runs ``model`` on the reference input and compares every tap and detection path.
+
+    ``model`` is an ``EfficientDet`` or anything called like it (``optimize()``'s module,
+    :class:`verify.onnx_network.OnnxNetwork`); one with a ``tap_prefix`` gives only the taps
+    under it, and the other reference taps are listed in ``report.unavailable``."""
     model = model.to(device).eval()
-    report = ParityReport(model.config.name, weights, source)
+    report = ParityReport(model.config.name, weights, source,
+                          runtime=getattr(model, "runtime", "eager"))
+    tap_prefix = getattr(model, "tap_prefix", "")
     image, scale, input_check = network_input(model, reference)
     if input_check is not None:
         report.taps.append(input_check)
     (class_outputs, box_outputs), taps = model.forward_with_taps(image.to(device))
     for ref in reference.taps:
+        if not ref.name.startswith(tap_prefix):
+            report.unavailable.append(ref.name)
+            continue
         if ref.name not in taps:
             report.taps.append(TapResult(ref.name, ref.shape, 0, math.inf, math.inf, math.inf,
                                          math.inf, TAP_RTOL, False))
@@ -346,14 +358,25 @@ def format_table(report: ParityReport) -> list[str]:
     first = report.first_divergence
     lines.append(f"first diverging tap: {first}" if first else
                  f"all {len(report.taps)} taps within {TAP_RTOL:g} of their scale")
+    if report.unavailable:
+        lines.append(unavailable_note(report))
     return lines
+
+
+def unavailable_note(report: ParityReport) -> str:
+    """The taps that were not compared because the runtime does not give them."""
+    return (f"{len(report.unavailable)} internal taps not available for runtime "
+            f"{report.runtime} (not compared): {report.unavailable[0]} .. "
+            f"{report.unavailable[-1]}")
 
 
 def verdict(report: ParityReport) -> str:
     """One line: ``PASS``, or ``FAIL:`` with the first diverging tap (or detection path), its
     error against the tolerance, and the likeliest cause."""
     if report.ok:
-        return "PASS"
+        return "PASS" + (f" (runtime {report.runtime}: {len(report.taps)} taps and detections "
+                         f"compared, {len(report.unavailable)} internal taps not available)"
+                         if report.unavailable else "")
     first = next((t for t in report.taps if not t.ok), None)
     if first is None:
         paths = ", ".join(d.path for d in report.detections if not d.ok)

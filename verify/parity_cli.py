@@ -47,12 +47,16 @@ from verify.io_utils import atomic_write_text
 @click.option("--optimized", is_flag=True,
               help="Run the network through EfficientDet.optimize() (BN folded, static "
                    "padding, channels_last) instead of the model as loaded.")
+@click.option("--onnx", is_flag=True,
+              help="Export the model to ONNX (raw outputs, a temporary file) and run it with "
+                   "onnxruntime's CPU provider; compares the head taps and the detections, "
+                   "and lists the internal taps as not available. Needs the export extra.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path | None,
            automl_dir: Path | None, image_size: str | None, image: Path | None,
            report_path: Path | None,
            plot_path: Path | None, device: str, as_json: bool, optimized: bool,
-           quiet: bool) -> None:
+           onnx: bool, quiet: bool) -> None:
     """Compare converted weights with TF at every tap and on the final detections.
 
     \b
@@ -82,6 +86,9 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
 
     if (golden is None) == (tf_ckpt is None):
         fail("give exactly one of --golden DIR or --tf-ckpt DIR", 2)
+    if optimized and onnx:
+        fail("give at most one of --optimized and --onnx (the ONNX graph is built from "
+             "optimize() already)", 2)
     for path in (report_path, plot_path):
         if path is not None and not path.parent.is_dir():
             fail(f"{path}: folder {path.parent} does not exist")
@@ -116,7 +123,10 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    network = model.to(device).optimize() if optimized else model
+    if onnx:
+        network = onnx_network(model)
+    else:
+        network = model.to(device).optimize() if optimized else model
     with library_errors(FileNotFoundError):
         report = run_parity(network, reference, str(weights), source, device)
     if as_json:
@@ -131,3 +141,17 @@ def parity(weights: Path, golden: Path | None, golden_name: str, tf_ckpt: Path |
     click.echo(verdict(report), err=as_json)
     if not report.ok:
         raise SystemExit(EXIT_FAILURE)
+
+
+def onnx_network(model):
+    """The model exported to ONNX and run by onnxruntime; export failures exit with one line."""
+    from converter.errors import ConversionError
+    try:
+        from verify.onnx_network import OnnxNetwork
+        return OnnxNetwork(model)
+    except ImportError as error:
+        fail(f"--onnx needs {error.name} (pip install 'effdet-tf-port[export]')", 2)
+    except ConversionError as error:
+        fail(str(error), error.exit_code)
+    except RuntimeError as error:          # onnxruntime cannot load the exported graph
+        fail(f"onnxruntime: {(str(error).strip().splitlines() or ['failed'])[0]}", EXIT_FAILURE)
