@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REF ?= ../shared/reference
 WORK ?= out
-# Extra verify_all flags, e.g. VERIFY_ALL_FLAGS=--optimized to verify through optimize().
+# Extra verify_all flags: VERIFY_ALL_FLAGS=--optimized (through optimize()) or --onnx (the ONNX export).
 VERIFY_ALL_FLAGS ?=
 
 .PHONY: setup setup-effdet demo test test-quick typecheck verify-all mappings check-mappings bench clean
