@@ -18,10 +18,10 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet tensorflow-cpu==2.21.0  # the version the bit-exact tests assume
-	$(PY) -m pip install --quiet -e '.[test,export]'
+	$(PY) -m pip install --quiet -e '.[test,export,live]'
 	touch $@
 
-setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu and this project into .venv
+setup: $(STAMP)  ## install torch (CPU build), tensorflow-cpu (+ tf_keras for the TF-op tests), onnxruntime and this project into .venv
 
 setup-effdet: setup  ## effdet + timm for the effdet export tests, leaving torch as it is
 	$(PY) -m pip install --quiet --no-deps 'effdet>=0.4.1,<0.5' 'timm>=0.9.2' 'omegaconf>=2.0' \

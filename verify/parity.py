@@ -33,14 +33,15 @@ INPUT_RTOL = 1e-3
 # Detections: a box corner matches within BOX_ATOL_PX + BOX_RTOL * L px (original-image pixels),
 # L the box's own extent (largest side): the deltas go through exp(), so the error scales with the
 # decoded box (measured on the shared goldens: d0 0.005 px, 2e-5 of L; d4 1.1e-3 of L; d7x 3.5 px,
-# and up to 1.6e-3 of L on a 405-px box; hold-out d7 1.7 px on 3000-px boxes); 4e-3 keeps 2.5x
-# headroom over the deepest variant. A box the
+# and up to 1.6e-3 of L on a 405-px box; live hold-out d6, seed 1: 1.43 px = 3.7e-3 of a 386-px
+# box, from box-head drift of 2.7e-3 in delta units scaled by the anchor rather than the box);
+# 8e-3 keeps 2.2x headroom over that. A box the
 # global path clipped at the border hides its decoded size, so for it alone L is at least the
 # image's longest side (hold-out d6: a [0, 0, 0, 56] box 0.28 px off). Scores (after sigmoid and
 # soft-NMS decay) within SCORE_ATOL (measured <= 2e-4; 1.1e-3 on saturated hold-out d7 scores).
 # A half-pixel anchor shift fails every path on d0 (tests/test_parity.py).
 BOX_ATOL_PX = 0.05
-BOX_RTOL = 4e-3
+BOX_RTOL = 8e-3
 SCORE_ATOL = 2e-3
 # A clipped corner sits on 0 or on the scaled input border; float32 rounding of the scaling.
 CLIP_RTOL = 1e-5
