@@ -15,3 +15,11 @@ def test_readme_model_zoo_table_is_generated_from_the_registry():
 
 def test_parameter_count_matches_the_published_d0_size():
     assert round(parameter_count("efficientdet-d0") / 1e6, 1) == 3.9   # EfficientDet paper: 3.9M
+
+
+def test_every_variant_has_a_measured_parity_within_the_tap_tolerance():
+    from model.registry import VARIANTS
+    from model.zoo import MEASURED_PARITY
+    from verify.parity import TAP_RTOL
+    assert set(MEASURED_PARITY) == set(VARIANTS)
+    assert all(0 < worst <= TAP_RTOL for worst, _ in MEASURED_PARITY.values())
