@@ -39,6 +39,14 @@ def parse_image_size(image_size: ImageSize) -> tuple[int, int]:
     return height, width
 
 
+def build_from_fields(cls: Any, values: Mapping[str, Any], what: str) -> Any:
+    """``cls(**values)`` for a dataclass, refusing names that are not its fields."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {unknown}")
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class DetConfig:
     """One EfficientDet model. Defaults are automl's ``default_detection_configs``."""
@@ -114,11 +122,7 @@ class DetConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields: {unknown}")
-        return cls(**values)
+        return build_from_fields(cls, values, "config")
 
 
 def get_config(name: str, **overrides: Any) -> DetConfig:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from model.config import build_from_fields
 from model.loss_config import LossConfig
 
 LR_DECAY_METHODS = ("cosine", "stepwise", "polynomial")
@@ -64,8 +65,4 @@ class TrainConfig(LossConfig):
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training config fields: {unknown}")
-        return cls(**values)
+        return build_from_fields(cls, values, "training config")
