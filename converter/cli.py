@@ -351,6 +351,7 @@ def _export(ckpt: Path, to_format: str, out: Path, raw_weights: Path | None,
             global_step: int | None, force: bool, as_json: bool, unused: dict,
             graph_options: dict) -> None:
     """``convert --to``: PyTorch weights -> ``to_format`` through ``export_model``."""
+    _import_deferred()
     given = [name for name, value in unused.items() if value]
     if given:
         raise click.UsageError(f"{', '.join(given)} do not apply with --to")

@@ -34,6 +34,7 @@ dataclasses) is not supported.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -188,6 +189,11 @@ def export_effdet(model: EfficientDet, path: Path, force: bool = False) -> Path:
     return save_effdet(model, path, force=force)
 
 
+# torch.onnx logs a warning per torchvision op it cannot register when torchvision is absent
+# (this project does not use torchvision); keep `convert --to onnx` output to our own lines.
+_ONNX_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
+
+
 def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = None,
                 batch_size: int = 1, dynamic_batch: bool = False, outputs: str = "raw",
                 opset: int = ONNX_OPSET, force: bool = False) -> Path:
@@ -195,6 +201,7 @@ def export_onnx(model: EfficientDet, path: Union[str, Path], image_size: Any = N
     _check_target(path, force)
     graph, size = build_graph(model, image_size, outputs)
     dims = {0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}
+    logging.getLogger(_ONNX_REGISTRATION_LOG).setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings(), \
             atomic_path(path, overwrite=force) as tmp_name:
         warnings.simplefilter("ignore")
