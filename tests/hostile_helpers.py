@@ -32,3 +32,22 @@ def assert_refused(result, code: int, *fragments: str, out: Path | None = None) 
         assert not out.exists()
         assert leftovers(out.parent) == []
     return lines[0]
+
+
+def verify_coco_on(tmp_path: Path, images: list[dict], annotations: list[dict]):
+    """``verify coco`` on a one-file annotation set (placeholder weights, empty image folder);
+    returns ``(result, results_path)``: the annotations are refused before weights are read."""
+    import json
+
+    from verify.cli import main as verify_main
+
+    annotation_file = tmp_path / "ann.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                           "categories": [{"id": 1}]}))
+    (tmp_path / "images").mkdir()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    results = tmp_path / "r.json"
+    result = invoke(verify_main, "coco", "--weights", weights, "--images", tmp_path / "images",
+                    "--annotations", annotation_file, "--results", results)
+    return result, results

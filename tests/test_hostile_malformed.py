@@ -11,7 +11,7 @@ import pytest
 
 from converter.cli import main as convert_main
 from helpers import REFERENCE_DIR, synth_checkpoint, synth_tensors, write_checkpoint
-from hostile_helpers import assert_refused, invoke
+from hostile_helpers import assert_refused, invoke, verify_coco_on
 
 pytestmark = [pytest.mark.needs_tf, pytest.mark.usefixtures("single_thread")]
 
@@ -122,19 +122,9 @@ def test_truncated_golden_npz_is_one_error(tmp_path):
     ({"area": "big"}, "area"),
 ])
 def test_malformed_coco_annotations(tmp_path, change, fragment):
-    from verify.cli import main as verify_main
-
     ann = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "area": 12,
            "iscrowd": 0, **change}
     ann = {k: v for k, v in ann.items() if v is not None}
-    annotations = tmp_path / "ann.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
-        "annotations": [ann], "categories": [{"id": 1}]}))
-    (tmp_path / "images").mkdir()
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"x")
-    results = tmp_path / "r.json"
-    result = invoke(verify_main, "coco", "--weights", weights, "--images", tmp_path / "images",
-                    "--annotations", annotations, "--results", results)
+    result, results = verify_coco_on(
+        tmp_path, [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], [ann])
     assert_refused(result, 3, fragment, out=results)

@@ -3,7 +3,6 @@ storage, archive bombs and links, COCO file names."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 import time
@@ -19,7 +18,7 @@ from converter.errors import InputError
 from converter.formats.keras_h5 import read_h5
 from converter.readers import read_checkpoint
 from helpers import synth_checkpoint
-from hostile_helpers import assert_refused, invoke
+from hostile_helpers import assert_refused, invoke, verify_coco_on
 from model.temp_files import HOST_TAG, STALE_AFTER_S, sweep_stale, temp_dir
 
 D0 = "efficientdet-d0"
@@ -213,16 +212,6 @@ def test_h5_malformed_attributes(tmp_path, attribute):
 
 @pytest.mark.parametrize("file_name", ["../outside.jpg", "/etc/passwd", "a/../../x.jpg"])
 def test_coco_file_name_must_stay_inside_images(tmp_path, file_name):
-    from verify.cli import main as verify_main
-
-    annotations = tmp_path / "ann.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": file_name, "width": 8, "height": 8}],
-        "annotations": [], "categories": [{"id": 1}]}))
-    (tmp_path / "images").mkdir()
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"x")
-    results = tmp_path / "r.json"
-    result = invoke(verify_main, "coco", "--weights", weights, "--images", tmp_path / "images",
-                    "--annotations", annotations, "--results", results)
+    result, results = verify_coco_on(
+        tmp_path, [{"id": 1, "file_name": file_name, "width": 8, "height": 8}], [])
     assert_refused(result, 3, "leaves the image directory", out=results)
