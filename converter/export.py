@@ -141,7 +141,8 @@ def build_graph(model: EfficientDet, image_size: Any = None, outputs: str = "raw
         resized = EfficientDet(config.replace(image_size=size))
         resized.load_state_dict(model.state_dict())
         model = resized
-    network = model.optimize(size, channels_last=False).net   # its size check stays outside
+    network = model.optimize(size, channels_last=False, onednn=False,
+                             keep_host_memory=False).net   # its size check stays outside
     from model.postprocess import NmsConfig
     nms = NmsConfig.from_dict(config.nms_configs)
     iou = nms.iou_thresh or 0.5

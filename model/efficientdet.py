@@ -203,13 +203,17 @@ class EfficientDet(nn.Module):
         return dict(COCO_LABELS) if self.config.num_classes == COCO_NUM_CLASSES else {}
 
     def optimize(self, image_size: Optional[Any] = None, channels_last: bool = True,
-                 compile: bool = False) -> nn.Module:
+                 compile: bool = False, onednn: bool = True,
+                 keep_host_memory: bool = True) -> nn.Module:
         """An inference-only copy for one input size (default: the config's) that returns what
-        ``self(images)`` returns: BN folded into the convs, static SAME padding, channels_last,
-        optionally ``torch.compile`` (slow first call; see :mod:`model.optimize`). ``self`` is
-        left untouched."""
+        ``self(images)`` returns: BN folded into the convs, activations and residual adds fused
+        into them (oneDNN on CPU float32 unless ``onednn=False``), static SAME padding,
+        channels_last, optionally ``torch.compile`` (slow first call). ``keep_host_memory``
+        makes glibc keep freed memory (process-wide; see :mod:`model.host_memory`).
+        See :mod:`model.optimize`; ``self`` is left untouched."""
         from .optimize import optimize
-        return optimize(self, image_size, channels_last=channels_last, compile=compile)
+        return optimize(self, image_size, channels_last=channels_last, compile=compile,
+                        onednn=onednn, keep_host_memory=keep_host_memory)
 
     def _fast_forward(self) -> nn.Module:
         """The ``optimize()``d copy for the config's input size, built once per size and cached;

@@ -1,18 +1,25 @@
 """Inference-only EfficientDet for one input size (``EfficientDet.optimize()``).
 
-Rewrites a copy of the network; the original is left untouched:
+Rewrites a copy of the network into ``model.fused_ops.FusedConv2d`` layers; the original is left
+untouched:
 
 * every BatchNorm is folded into the conv before it (``W * s``, ``(b - mean) * s + beta`` with
   ``s = gamma / sqrt(var + eps)``, computed in float64); after a Keras SeparableConv2D the BN is
   folded into the pointwise conv. The heads share one tower conv across levels but keep one BN per
-  level, so each level gets its own folded copy of the conv.
+  level, so each level gets its own folded copy of the pointwise conv;
+* the activation after a conv and an MBConv block's residual add run inside the conv (one
+  oneDNN primitive on CPU float32); a squeeze-excite gate is folded into the projection conv's
+  weight for batch 1 instead of scaling the expanded activation;
 * the strided convs' TF 'SAME' padding is computed once for the fixed input size (symmetric
-  padding goes into the conv itself, asymmetric into one constant ``F.pad``);
+  padding goes into the conv itself, asymmetric into one ``pad_zeros``);
+* BiFPN fusion weights are normalised once (``w_i / (sum + eps)``, softmax) into coefficients;
 * weights and input in ``channels_last`` (oneDNN's native layout for the convs);
-* optionally ``torch.compile`` (inductor with freezing). Its first call compiles C++ kernels:
-  d0 took 630 s on the shared 2-core machine (load ~14; torch 2.13, CPU), outputs equal to
-  1e-7 of scale. Too slow to start and too dependent on a C++ toolchain to be the default, so
-  it is opt-in (``compile=True``); inductor caches compiled kernels on disk for later processes.
+* on CPU, glibc keeps freed memory in the process (``model.host_memory``) so that each call does
+  not page-fault its activations in again;
+* optionally ``torch.compile`` (inductor with freezing) over plain ATen ops. Its first call
+  compiles C++ kernels: d0 took 630 s on the shared 2-core machine (load ~14; torch 2.13, CPU).
+  Too slow to start and too dependent on a C++ toolchain to be the default, so it is opt-in
+  (``compile=True``); inductor caches compiled kernels on disk for later processes.
 
 The result returns what ``model(images)`` returns (and fills ``taps`` the same way, uncompiled),
 equal within float32 rounding (relative ~1e-6; see tests/test_optimize.py).
@@ -20,144 +27,39 @@ equal within float32 rounding (relative ~1e-6; see tests/test_optimize.py).
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, cast
+from typing import Any, Optional, Union, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bifpn import OpAfterCombine, ResampleFeatureMap
-from .efficientnet import MBConvBlock, Stem
+from .bifpn import FNode, OpAfterCombine, ResampleFeatureMap
+from .efficientnet import MBConvBlock, SqueezeExcite, Stem
+from .fused_ops import FusedConv2d
 from .head import HeadNet
-from .tf_compat import Conv2dSame, SeparableConv2d, drop_connect, same_padding
+from .tf_compat import FUSE_EPS, Conv2dSame, SeparableConv2d
 
 Taps = Optional[dict[str, torch.Tensor]]
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Folds ``bn`` (eval statistics) into ``conv`` in place (``conv`` gains a bias if needed)."""
-    weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else \
-        torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
-    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
-    scale = bn.weight.detach().double() / torch.sqrt(running_var.double() + bn.eps)
-    folded_weight = weight * scale.reshape(-1, 1, 1, 1)
-    folded_bias = (bias - running_mean.double()) * scale + bn.bias.detach().double()
-    conv.weight = nn.Parameter(folded_weight.to(conv.weight.dtype), requires_grad=False)
-    conv.bias = nn.Parameter(folded_bias.to(conv.weight.dtype), requires_grad=False)
+def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` of a conv followed by ``bn`` (eval statistics) as one conv."""
+    scale = bn.weight.detach().double() / torch.sqrt(
+        cast(torch.Tensor, bn.running_var).double() + bn.eps)
+    folded_bias = torch.zeros_like(scale) if bias is None else bias.detach().double()
+    folded_bias = (folded_bias - cast(torch.Tensor, bn.running_mean).double()) * scale + \
+        bn.bias.detach().double()
+    folded_weight = weight.detach().double() * scale.reshape(-1, 1, 1, 1)
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
 
 
-def _last_conv(conv: nn.Module) -> nn.Conv2d:
-    """The conv a BN after ``conv`` folds into (the pointwise one of a separable conv)."""
-    return cast(nn.Conv2d, conv.pointwise if isinstance(conv, SeparableConv2d) else conv)
+def _inplace(act: nn.Module) -> nn.Module:
+    """A fresh in-place copy of an activation module (it only ever sees a conv's new output)."""
+    return type(act)(inplace=True)
 
 
-def _fold_module(module: nn.Module) -> None:
-    """Folds the BNs of one building block (the ones whose conv -> BN order is fixed)."""
-    if isinstance(module, Stem):
-        pairs = [("conv2d", "tpu_batch_normalization")]
-    elif isinstance(module, MBConvBlock):
-        pairs = [("conv2d", "tpu_batch_normalization"),
-                 ("depthwise_conv2d", "tpu_batch_normalization_1"),
-                 ("conv2d_1", "tpu_batch_normalization_2")] if module.has_expand else \
-            [("depthwise_conv2d", "tpu_batch_normalization"),
-             ("conv2d", "tpu_batch_normalization_1")]
-    elif isinstance(module, OpAfterCombine):
-        pairs = [("conv", "bn")]
-    elif isinstance(module, ResampleFeatureMap):
-        if module.conv2d is not None and module.bn is not None:
-            fold_bn(module.conv2d, module.bn)
-            module.bn = None
-        return
-    else:
-        return
-    for conv_name, bn_name in pairs:
-        fold_bn(_last_conv(getattr(module, conv_name)), getattr(module, bn_name))
-        setattr(module, bn_name, nn.Identity())
-
-
-class FoldedHead(nn.Module):
-    """A ``HeadNet`` with each level's BN folded into its own copy of the shared tower conv."""
-
-    def __init__(self, head: HeadNet):
-        super().__init__()
-        self.act = head.act
-        self.survival_prob = head.survival_prob
-        self.towers = nn.ModuleList()
-        for level in head.levels:
-            convs = nn.ModuleList()
-            for i in range(head.repeats):
-                conv = copy.deepcopy(head.get_submodule(f"{head.prefix}_{i}"))
-                bn = cast(nn.BatchNorm2d, head.get_submodule(f"{head.prefix}_{i}_bn_{level}"))
-                fold_bn(_last_conv(conv), bn)
-                convs.append(conv)
-            self.towers.append(convs)
-        self.predict = head.predict
-
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        outputs = []
-        for tower, x in zip(self.towers, feats):
-            for i, conv in enumerate(cast(nn.ModuleList, tower)):
-                shortcut = x
-                x = self.act(conv(x))
-                if i > 0 and self.survival_prob:
-                    x = drop_connect(x, self.survival_prob, self.training) + shortcut
-            outputs.append(self.predict(x))
-        return outputs
-
-
-class StaticSameConv2d(nn.Conv2d):
-    """A ``Conv2dSame`` whose TF 'SAME' padding was computed for one input size."""
-
-    def __init__(self, conv: Conv2dSame, input_hw: tuple[int, int]):
-        top, bottom = same_padding(input_hw[0], conv.kernel_size[0], conv.stride[0])
-        left, right = same_padding(input_hw[1], conv.kernel_size[1], conv.stride[1])
-        symmetric = top == bottom and left == right
-        kernel = cast(tuple[int, int], tuple(conv.kernel_size))
-        stride = cast(tuple[int, int], tuple(conv.stride))
-        super().__init__(conv.in_channels, conv.out_channels, kernel, stride,
-                         padding=(top, left) if symmetric else 0, groups=conv.groups,
-                         bias=conv.bias is not None, device=conv.weight.device,
-                         dtype=conv.weight.dtype)
-        self.input_hw = tuple(input_hw)
-        self.pad = None if symmetric else (left, right, top, bottom)
-        self.weight = conv.weight
-        self.bias = conv.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad is not None:
-            x = F.pad(x, self.pad)
-        return super().forward(x)
-
-
-class PointwiseLinear(nn.Module):
-    """A 1x1 stride-1 conv on a channels_last tensor as one matrix multiply over the NHWC view.
-
-    PyTorch runs small-batch 1x1 convs through its im2col fallback (not oneDNN) on one thread,
-    converting channels_last inputs to NCHW and back; ``F.linear`` reads the NHWC memory as is.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).clone(),
-                                   requires_grad=False)
-        self.bias = None if conv.bias is None else \
-            nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
-
-
-def _is_pointwise(module: nn.Module) -> bool:
-    if type(module) not in (nn.Conv2d, Conv2dSame):
-        return False
-    conv = cast(nn.Conv2d, module)
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and \
-        conv.padding in ((0, 0), "valid")
-
-
-def _conv_input_sizes(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, set]:
-    """Runs ``model`` once at ``image_hw`` and records the input sizes each dynamic conv sees."""
+def _conv_input_sizes(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Runs ``model`` once at ``image_hw``; the input size each strided 'SAME' conv sees."""
     sizes: dict[str, set] = {}
     handles = []
     for name, module in model.named_modules():
@@ -172,12 +74,175 @@ def _conv_input_sizes(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, 
     finally:
         for handle in handles:
             handle.remove()
-    return sizes
+    if any(len(seen) != 1 for seen in sizes.values()):
+        raise ValueError("a strided conv sees several input sizes; cannot fix its padding")
+    return {name: next(iter(seen)) for name, seen in sizes.items()}
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+class _Builder:
+    """Makes the fused layers of one network copy (input sizes recorded at ``image_hw``)."""
+
+    def __init__(self, net: nn.Module, image_hw: tuple[int, int], onednn: bool):
+        self.names = {module: name for name, module in net.named_modules()}
+        self.sizes = _conv_input_sizes(net, image_hw)
+        self.onednn = onednn
+
+    def conv(self, conv: nn.Module, bn: Optional[nn.BatchNorm2d] = None,
+             act: Optional[nn.Module] = None) -> nn.Module:
+        """``act(bn(conv(x)))`` as fused layers: one, or depthwise + pointwise when separable."""
+        if isinstance(conv, SeparableConv2d):
+            return nn.Sequential(self.conv(conv.depthwise), self.conv(conv.pointwise, bn, act))
+        conv = cast(nn.Conv2d, conv)
+        weight, bias = conv.weight, conv.bias
+        if bn is not None:
+            weight, bias = fold_bn(weight, bias, bn)
+        input_hw = self.sizes.get(self.names[conv], (0, 0))
+        return FusedConv2d.from_conv(conv, input_hw, weight, bias,
+                                     None if act is None else _inplace(act), self.onednn)
+
+
+class FusedStem(nn.Module):
+    def __init__(self, stem: Stem, build: _Builder):
+        super().__init__()
+        self.conv = build.conv(stem.conv2d, stem.tpu_batch_normalization, stem.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class FusedMBConvBlock(nn.Module):
+    """``MBConvBlock`` with BN, activations and the residual add inside its convs."""
+
+    def __init__(self, block: MBConvBlock, build: _Builder):
+        super().__init__()
+        if block.has_expand:
+            self.expand: Optional[nn.Module] = build.conv(
+                block.conv2d, block.tpu_batch_normalization, block.act)
+            depthwise_bn, project, project_bn = (block.tpu_batch_normalization_1,
+                                                  block.conv2d_1, block.tpu_batch_normalization_2)
+        else:
+            self.expand = None
+            depthwise_bn, project, project_bn = (block.tpu_batch_normalization, block.conv2d,
+                                                  block.tpu_batch_normalization_1)
+        self.depthwise = build.conv(block.depthwise_conv2d, depthwise_bn, block.act)
+        self.se: Optional[SqueezeExcite] = block.se
+        self.project = cast(FusedConv2d, build.conv(project, project_bn))
+        self.residual = block.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.expand is not None:
+            x = self.expand(x)
+        x = self.depthwise(x)
+        weight = None
+        if self.se is not None:
+            se = self.se
+            gate = torch.sigmoid(se.conv2d_1(se.act(se.conv2d(x.mean((2, 3), keepdim=True)))))
+            if x.shape[0] == 1:    # conv(x * g) == conv_{W * g}(x): no pass over x
+                weight = self.project.weight * gate.reshape(1, -1, 1, 1)
+            else:
+                x = x * gate
+        return self.project(x, shortcut if self.residual else None, weight)
+
+
+def fusion_coefficients(node: FNode) -> Optional[list[torch.Tensor]]:
+    """The constant factor of each input of a BiFPN node (``None``: plain sum)."""
+    if node.weight_method == "sum":
+        return None
+    weights = [getattr(node, name).detach() for name in node.weight_names]
+    if node.weight_method.endswith("fastattn"):
+        weights = [torch.relu(w) for w in weights]
+        total = torch.stack(weights).sum(0) + FUSE_EPS
+        factors = [w / total for w in weights]
+    else:
+        factors = list(torch.softmax(torch.stack(weights), dim=0))
+    return [f.reshape(1, -1, 1, 1) for f in factors]
+
+
+class FusedFNode(nn.Module):
+    """``FNode``: resample every input edge, weighted sum with constant factors, then the
+    op after combine (act -> separable conv with folded BN, or conv -> BN -> act)."""
+
+    def __init__(self, node: FNode, build: _Builder):
+        super().__init__()
+        self.level_index = node.level_index
+        self.inputs_offsets = node.inputs_offsets
+        self.resamples = nn.ModuleList()
+        for name in node.resample_names:
+            resample = cast(ResampleFeatureMap, node.get_submodule(name))
+            if resample.conv2d is not None:
+                resample.conv2d = build.conv(resample.conv2d, resample.bn)  # type: ignore
+                resample.bn = None
+            self.resamples.append(resample)
+        factors = fusion_coefficients(node)
+        self.factors = None if factors is None else nn.ParameterList(
+            [nn.Parameter(f, requires_grad=False) for f in factors])
+        op = cast(OpAfterCombine, node.get_submodule(node.op_name))
+        self.act_first = None if op.conv_bn_act else _inplace(op.act)
+        self.conv = build.conv(op.conv, op.bn, op.act if op.conv_bn_act else None)
+
+    def forward(self, feats: list[torch.Tensor], level_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        target = level_sizes[self.level_index]
+        nodes = [resample(feats[offset], target)
+                 for resample, offset in zip(self.resamples, self.inputs_offsets)]
+        if self.factors is None:
+            x = nodes[0] + nodes[1]
+            for node in nodes[2:]:
+                x += node
+        else:
+            x = nodes[0] * self.factors[0]
+            for node, factor in zip(nodes[1:], list(self.factors)[1:]):
+                x.addcmul_(node, factor)
+        if self.act_first is not None:
+            x = self.act_first(x)
+        return self.conv(x)
+
+
+class FusedHead(nn.Module):
+    """A ``HeadNet`` whose tower convs carry each level's folded BN and the activation."""
+
+    def __init__(self, head: HeadNet, build: _Builder):
+        super().__init__()
+        self.survival_prob = head.survival_prob
+        self.towers = nn.ModuleList()
+        for level in head.levels:
+            self.towers.append(nn.ModuleList([
+                build.conv(head.get_submodule(f"{head.prefix}_{i}"),
+                           cast(nn.BatchNorm2d, head.get_submodule(f"{head.prefix}_{i}_bn_{level}")),
+                           head.act)
+                for i in range(head.repeats)]))
+        self.predict = build.conv(head.predict)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = []
+        for tower, x in zip(self.towers, feats):
+            for i, conv in enumerate(cast(nn.ModuleList, tower)):
+                shortcut = x
+                x = conv(x)
+                if i > 0 and self.survival_prob:   # drop_connect is the identity at inference
+                    x = x + shortcut
+            outputs.append(self.predict(x))
+        return outputs
+
+
+def _fuse_network(net: nn.Module, image_hw: tuple[int, int], onednn: bool) -> None:
+    """Replaces, in place, every block of ``net`` (an ``EfficientDet`` copy) by its fused form."""
+    build = _Builder(net, image_hw, onednn)
+    backbone = net.backbone
+    backbone.stem = FusedStem(backbone.stem, build)
+    blocks = cast(nn.ModuleList, backbone.blocks)
+    for index, block in enumerate(list(blocks)):
+        blocks[index] = FusedMBConvBlock(cast(MBConvBlock, block), build)
+    for level in net.extra_levels:
+        resample = cast(ResampleFeatureMap, net.get_submodule(f"resample_p{level}"))
+        if resample.conv2d is not None:
+            resample.conv2d = build.conv(resample.conv2d, resample.bn)  # type: ignore
+            resample.bn = None
+    for cell in net.fpn_cells.children():
+        for name, node in list(cell.named_children()):
+            setattr(cell, name, FusedFNode(cast(FNode, node), build))
+    net.class_net = FusedHead(cast(HeadNet, net.class_net), build)
+    net.box_net = FusedHead(cast(HeadNet, net.box_net), build)
 
 
 class OptimizedEfficientDet(nn.Module):
@@ -214,32 +279,27 @@ class OptimizedEfficientDet(nn.Module):
         return self(images, taps), taps
 
 
-def optimize(model: nn.Module, image_size: Optional[tuple[int, int]] = None,
-             channels_last: bool = True, compile: bool = False) -> nn.Module:
+def optimize(model: nn.Module, image_size: Optional[Union[tuple[int, int], Any]] = None,
+             channels_last: bool = True, compile: bool = False, onednn: bool = True,
+             keep_host_memory: bool = True) -> nn.Module:
     """The inference module of :mod:`model.optimize` for ``image_size`` (H, W; default: the
-    config's). ``compile=True`` wraps it in ``torch.compile(inductor, freezing)``: minutes on
-    the first call (see the module doc), then faster; calls with taps are not compiled."""
+    config's). ``onednn=False`` keeps plain ATen ops (export); ``compile=True`` wraps the ATen
+    form in ``torch.compile(inductor, freezing)``: minutes on the first call (see the module doc),
+    then faster; calls with taps are not compiled. ``keep_host_memory`` applies
+    :func:`model.host_memory.keep_freed_memory` (process-wide) when the model is on the CPU."""
     from .config import parse_image_size
+    from .host_memory import keep_freed_memory
     config: Any = model.config
     size: tuple[int, int] = parse_image_size(image_size) if image_size is not None else \
         (int(config.image_size[0]), int(config.image_size[1]))
     net = copy.deepcopy(model).eval()
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    sizes = _conv_input_sizes(net, size)
-    for name, seen in sizes.items():
-        if len(seen) == 1:
-            conv = cast(Conv2dSame, net.get_submodule(name))
-            _set_module(net, name, StaticSameConv2d(conv, next(iter(seen))))
-    for module in list(net.modules()):
-        _fold_module(module)
-    net.class_net = FoldedHead(cast(HeadNet, net.class_net))
-    net.box_net = FoldedHead(cast(HeadNet, net.box_net))
+    _fuse_network(net, size, onednn and not compile)
     if channels_last:
-        for name, module in list(net.named_modules()):
-            if _is_pointwise(module):
-                _set_module(net, name, PointwiseLinear(module))
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if keep_host_memory and next(net.parameters()).device.type == "cpu":
+        keep_freed_memory()
     optimized = OptimizedEfficientDet(net, size, channels_last)
     if compile:
         return CompiledEfficientDet(optimized)

@@ -113,8 +113,32 @@ class SeparableConv2d(nn.Module):
 
 def max_pool_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]
                   ) -> torch.Tensor:
-    """Keras MaxPooling2D(padding='SAME'): padded cells are -inf, so they never win."""
+    """Keras MaxPooling2D(padding='SAME'): padded cells are -inf, so they never win.
+
+    PyTorch's own pooling pads with -inf symmetrically, and ``ceil_mode`` adds the one extra
+    cell after that TF's odd total asks for; only other pads need an explicit copy.
+    """
+    sizes = x.shape[-2:]
+    pads = [same_padding(n, k, s) for n, k, s in zip(sizes, kernel, stride)]
+    ceil_mode = any(after > before for before, after in pads)
+    if all(after - before in (0, 1) and 2 * before <= k and
+           _torch_pool_size(n, k, s, before, ceil_mode) == math.ceil(n / s)
+           for n, k, s, (before, after) in zip(sizes, kernel, stride, pads)):
+        return F.max_pool2d(x, kernel, stride, padding=(pads[0][0], pads[1][0]),
+                            ceil_mode=ceil_mode)
     return F.max_pool2d(pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
+
+
+def _torch_pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of PyTorch's pooling (its rule: the last window starts inside the input or
+    the left padding); 0 where PyTorch would refuse the size."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 def drop_connect(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:

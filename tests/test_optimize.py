@@ -9,10 +9,12 @@ import functools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import EfficientDet
-from model.optimize import OptimizedEfficientDet, StaticSameConv2d, fold_bn
+from model.fused_ops import FusedConv2d, pad_zeros
+from model.optimize import OptimizedEfficientDet, fold_bn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,9 +64,42 @@ def test_optimized_outputs_equal_the_model(variant, image_size):
 def test_optimized_net_has_no_bn_and_static_padding():
     optimized = _model("efficientdet-lite0", NON_SQUARE).optimize()
     modules = list(optimized.modules())
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
-    static = [m for m in modules if isinstance(m, StaticSameConv2d)]
-    assert static and {m.pad is None for m in static} == {True, False}   # both kinds of pad
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Conv2d)) for m in modules)
+    fused = [m for m in modules if isinstance(m, FusedConv2d)]
+    assert fused and {m.pad is None for m in fused} == {True, False}   # both kinds of pad
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU, nn.ReLU6, None])
+def test_fused_conv_equals_conv_act_residual(onednn, act):
+    """Both kernels of FusedConv2d: TF 'SAME' pads (asymmetric too), activation, residual."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 6, 9, 12, generator=generator) * 4
+    weight, bias = torch.randn(6, 1, 3, 3, generator=generator), torch.randn(6, generator=generator)
+    for stride, padding in [(1, (1, 1, 1, 1)), (2, (1, 1, 0, 1))]:
+        fused = FusedConv2d(weight, bias, stride, padding, groups=6,
+                            act=None if act is None else act(), onednn=onednn)
+        top, bottom, left, right = padding
+        expected = F.conv2d(F.pad(images, (left, right, top, bottom)), weight, bias, stride,
+                            groups=6)
+        residual = torch.randn(expected.shape, generator=generator)
+        activate = act() if act is not None else nn.Identity()
+        for x in (images, images.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(fused(x), activate(expected), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused(x, residual), activate(expected + residual),
+                                       rtol=1e-5, atol=1e-5)
+        scaled = weight * 0.5
+        torch.testing.assert_close(fused(images, weight=scaled),
+                                   activate(F.conv2d(F.pad(images, (left, right, top, bottom)),
+                                                     scaled, bias, stride, groups=6)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_pad_zeros_equals_f_pad():
+    images = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
+    padded = pad_zeros(images, (0, 1, 2, 1))
+    assert torch.equal(padded, F.pad(images, (0, 1, 2, 1)))
+    assert padded.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_optimize_leaves_the_model_untouched():
@@ -104,13 +139,13 @@ def test_fold_bn_breaks_when_eps_is_wrong():
     images = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         expected = bn(conv(images))
-        good = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        good.load_state_dict(conv.state_dict())
-        fold_bn(good, bn)
-        assert torch.allclose(good(images), expected, rtol=1e-5, atol=1e-5)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        assert torch.allclose(F.conv2d(images, weight, bias, padding=1), expected,
+                              rtol=1e-5, atol=1e-5)
         bn.eps = 1e-5
-        fold_bn(conv, bn)
-        assert not torch.allclose(conv(images), expected, rtol=1e-2, atol=1e-2)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        assert not torch.allclose(F.conv2d(images, weight, bias, padding=1), expected,
+                                  rtol=1e-2, atol=1e-2)
 
 
 def test_predict_fast_matches_predict_and_caches():
