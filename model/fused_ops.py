@@ -62,8 +62,11 @@ class FusedConv2d(nn.Module):
                  act: Optional[nn.Module] = None, onednn: bool = True):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
-        self.bias = None if bias is None else \
-            nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+        # Always a bias (zeros for a depthwise conv without one): an exported conv without a
+        # constant bias input is not rewritten into onnxruntime's blocked (NCHWc) kernels.
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                             device=weight.device) if bias is None else
+                                 bias.detach().contiguous(), requires_grad=False)
         self.stride = [stride, stride]
         top, bottom, left, right = padding
         symmetric = top == bottom and left == right
@@ -95,9 +98,10 @@ class FusedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
+        onednn = self.onednn and x.device.type == "cpu" and x.dtype == torch.float32
         if self.pad is not None:
-            x = pad_zeros(x, self.pad)
-        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
+            x = pad_zeros(x, self.pad) if onednn else F.pad(x, self.pad)
+        if onednn:
             attr, scalars = self.onednn_act
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(

@@ -128,6 +128,7 @@ class FusedMBConvBlock(nn.Module):
         self.se: Optional[SqueezeExcite] = block.se
         self.project = cast(FusedConv2d, build.conv(project, project_bn))
         self.residual = block.residual
+        self.fold_gate = build.onednn   # exported graphs keep the multiply (dynamic batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -138,15 +139,17 @@ class FusedMBConvBlock(nn.Module):
         if self.se is not None:
             se = self.se
             gate = torch.sigmoid(se.conv2d_1(se.act(se.conv2d(x.mean((2, 3), keepdim=True)))))
-            if x.shape[0] == 1:    # conv(x * g) == conv_{W * g}(x): no pass over x
+            if self.fold_gate and x.shape[0] == 1:   # conv(x * g) == conv_{W * g}(x)
                 weight = self.project.weight * gate.reshape(1, -1, 1, 1)
             else:
                 x = x * gate
         return self.project(x, shortcut if self.residual else None, weight)
 
 
-def fusion_coefficients(node: FNode) -> Optional[list[torch.Tensor]]:
-    """The constant factor of each input of a BiFPN node (``None``: plain sum)."""
+def fusion_coefficients(node: FNode, channels: int) -> Optional[list[torch.Tensor]]:
+    """The constant factor of each input of a BiFPN node (``None``: plain sum), per channel
+    (``[1, C, 1, 1]``) for every method: onnxruntime turns a per-channel constant multiply into
+    a blocked depthwise conv and fuses the sum into it, where a scalar multiply runs unblocked."""
     if node.weight_method == "sum":
         return None
     weights = [getattr(node, name).detach() for name in node.weight_names]
@@ -156,7 +159,8 @@ def fusion_coefficients(node: FNode) -> Optional[list[torch.Tensor]]:
         factors = [w / total for w in weights]
     else:
         factors = list(torch.softmax(torch.stack(weights), dim=0))
-    return [f.reshape(1, -1, 1, 1) for f in factors]
+    return [(f * torch.ones(channels, dtype=f.dtype, device=f.device)).reshape(1, -1, 1, 1)
+            for f in factors]
 
 
 class FusedFNode(nn.Module):
@@ -174,10 +178,10 @@ class FusedFNode(nn.Module):
                 resample.conv2d = build.conv(resample.conv2d, resample.bn)  # type: ignore
                 resample.bn = None
             self.resamples.append(resample)
-        factors = fusion_coefficients(node)
+        op = cast(OpAfterCombine, node.get_submodule(node.op_name))
+        factors = fusion_coefficients(node, op.bn.num_features)
         self.factors = None if factors is None else nn.ParameterList(
             [nn.Parameter(f, requires_grad=False) for f in factors])
-        op = cast(OpAfterCombine, node.get_submodule(node.op_name))
         self.act_first = None if op.conv_bn_act else _inplace(op.act)
         self.conv = build.conv(op.conv, op.bn, op.act if op.conv_bn_act else None)
 
@@ -192,7 +196,7 @@ class FusedFNode(nn.Module):
         else:
             x = nodes[0] * self.factors[0]
             for node, factor in zip(nodes[1:], list(self.factors)[1:]):
-                x.addcmul_(node, factor)
+                x = x + node * factor
         if self.act_first is not None:
             x = self.act_first(x)
         return self.conv(x)
