@@ -4,6 +4,7 @@ opinion where it is installed."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -131,6 +132,20 @@ def test_max_pool_same_pads_with_minus_infinity():
     zero_padded = F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=0.0), 3, 2)
     assert (zero_padded[0, 0, 0] == 0).all() and not torch.equal(out, zero_padded)
     assert torch.isfinite(out).all()
+
+
+def test_max_pool_same_equals_explicit_minus_infinity_padding_at_every_size():
+    """The ceil_mode/implicit-padding shortcut equals padding with -inf then a VALID pool,
+    exactly, for every size, kernel and stride (also mixed per axis)."""
+    generator = torch.Generator().manual_seed(0)
+    for height, width in itertools.product(range(1, 14), range(1, 14)):
+        x = -torch.rand(1, 2, height, width, generator=generator) - 1.0
+        for kernel, stride in [((3, 3), (2, 2)), ((2, 2), (1, 1)), ((5, 5), (4, 4)),
+                               ((3, 4), (2, 3)), ((4, 4), (2, 2)), ((1, 1), (2, 2))]:
+            padded = pad_same(x, kernel, stride, value=float("-inf"))
+            expected = F.max_pool2d(padded, kernel, stride)
+            assert torch.equal(max_pool_same(x, kernel, stride), expected), \
+                (height, width, kernel, stride)
 
 
 def test_max_pool_same_even_size_pads_after_only():
