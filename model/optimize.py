@@ -27,7 +27,7 @@ equal within float32 rounding (relative ~1e-6; see tests/test_optimize.py).
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from .efficientnet import MBConvBlock, SqueezeExcite, Stem
 from .fused_ops import FusedConv2d
 from .head import HeadNet
 from .tf_compat import FUSE_EPS, Conv2dSame, SeparableConv2d
+
+if TYPE_CHECKING:
+    from .efficientdet import EfficientDet
 
 Taps = Optional[dict[str, torch.Tensor]]
 
@@ -99,6 +102,12 @@ class _Builder:
         input_hw = self.sizes.get(self.names[conv], (0, 0))
         return FusedConv2d.from_conv(conv, input_hw, weight, bias,
                                      None if act is None else _inplace(act), self.onednn)
+
+    def fold_resample(self, resample: ResampleFeatureMap) -> None:
+        """Its 1x1 conv + BN (if any) becomes one fused conv, in place."""
+        if resample.conv2d is not None:
+            resample.conv2d = self.conv(resample.conv2d, resample.bn)  # type: ignore[assignment]
+            resample.bn = None
 
 
 class FusedStem(nn.Module):
@@ -174,9 +183,7 @@ class FusedFNode(nn.Module):
         self.resamples = nn.ModuleList()
         for name in node.resample_names:
             resample = cast(ResampleFeatureMap, node.get_submodule(name))
-            if resample.conv2d is not None:
-                resample.conv2d = build.conv(resample.conv2d, resample.bn)  # type: ignore
-                resample.bn = None
+            build.fold_resample(resample)
             self.resamples.append(resample)
         op = cast(OpAfterCombine, node.get_submodule(node.op_name))
         factors = fusion_coefficients(node, op.bn.num_features)
@@ -229,24 +236,21 @@ class FusedHead(nn.Module):
         return outputs
 
 
-def _fuse_network(net: nn.Module, image_hw: tuple[int, int], onednn: bool) -> None:
+def _fuse_network(net: EfficientDet, image_hw: tuple[int, int], onednn: bool) -> None:
     """Replaces, in place, every block of ``net`` (an ``EfficientDet`` copy) by its fused form."""
     build = _Builder(net, image_hw, onednn)
     backbone = net.backbone
-    backbone.stem = FusedStem(backbone.stem, build)
+    backbone.stem = FusedStem(backbone.stem, build)  # type: ignore[assignment]
     blocks = cast(nn.ModuleList, backbone.blocks)
     for index, block in enumerate(list(blocks)):
         blocks[index] = FusedMBConvBlock(cast(MBConvBlock, block), build)
     for level in net.extra_levels:
-        resample = cast(ResampleFeatureMap, net.get_submodule(f"resample_p{level}"))
-        if resample.conv2d is not None:
-            resample.conv2d = build.conv(resample.conv2d, resample.bn)  # type: ignore
-            resample.bn = None
+        build.fold_resample(cast(ResampleFeatureMap, net.get_submodule(f"resample_p{level}")))
     for cell in net.fpn_cells.children():
         for name, node in list(cell.named_children()):
             setattr(cell, name, FusedFNode(cast(FNode, node), build))
-    net.class_net = FusedHead(cast(HeadNet, net.class_net), build)
-    net.box_net = FusedHead(cast(HeadNet, net.box_net), build)
+    net.class_net = FusedHead(net.class_net, build)  # type: ignore[assignment]
+    net.box_net = FusedHead(net.box_net, build)  # type: ignore[assignment]
 
 
 class OptimizedEfficientDet(nn.Module):
@@ -299,7 +303,7 @@ def optimize(model: nn.Module, image_size: Optional[Union[tuple[int, int], Any]]
     net = copy.deepcopy(model).eval()
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    _fuse_network(net, size, onednn and not compile)
+    _fuse_network(cast("EfficientDet", net), size, onednn and not compile)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if keep_host_memory and next(net.parameters()).device.type == "cpu":
