@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import heapq
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -154,27 +156,62 @@ def batched_non_max_suppression_v5(
     _check_inputs(boxes, scores, groups)
     if max_output_size < 0:
         raise ValueError(f"max_output_size must be >= 0, got {max_output_size}")
-    boxes_np = boxes.detach().cpu().float().numpy()
-    scores_np = scores.detach().cpu().float().numpy()
-    groups_np = groups.detach().cpu().long().numpy()
+    boxes_np = np.ascontiguousarray(boxes.detach().cpu().float().numpy())
+    scores_np = np.ascontiguousarray(scores.detach().cpu().float().numpy())
+    groups_np = np.ascontiguousarray(groups.detach().cpu().long().numpy())
+    if groups_np.size and (groups_np.min() < 0 or groups_np.max() >= num_groups):
+        raise ValueError(f"groups must lie in [0, {num_groups}), got "
+                         f"[{groups_np.min()}, {groups_np.max()}]")
     picks = np.zeros((num_groups, max_output_size), dtype=np.int64)
     picked_scores = np.zeros((num_groups, max_output_size), dtype=np.float32)
     valid = np.zeros(num_groups, dtype=np.int64)
-    kernel = _SuppressionV5(iou_threshold, score_threshold, soft_nms_sigma)
-    # Only scores > score_threshold are candidates; a group's rows keep their order (tie rule).
-    candidates = np.flatnonzero(scores_np > kernel.score_threshold)
-    candidates = candidates[np.argsort(groups_np[candidates], kind="stable")]
-    starts = np.flatnonzero(np.diff(groups_np[candidates])) + 1
-    for rows in np.split(candidates, starts) if candidates.size and max_output_size else ():
-        group = groups_np[rows[0]]
-        kept, kept_scores = kernel.select(boxes_np[rows], scores_np[rows], max_output_size)
-        valid[group] = len(kept)
-        picks[group, :len(kept)] = rows[kept]
-        picked_scores[group, :len(kept)] = kept_scores
+    if max_output_size:
+        select = _select_groups_compiled() or select_groups_python
+        select(boxes_np, scores_np, groups_np, num_groups, max_output_size,
+               *v5_parameters(iou_threshold, score_threshold, soft_nms_sigma),
+               picks, picked_scores, valid)
     device = scores.device
     return (torch.from_numpy(picks).to(device),
             torch.from_numpy(picked_scores).to(device=device, dtype=scores.dtype),
             torch.from_numpy(valid).to(device))
+
+
+def v5_parameters(iou_threshold: float, score_threshold: float,
+                  soft_nms_sigma: float) -> tuple[np.float32, np.float32, bool, np.float32]:
+    """``(iou_threshold, score_threshold, soft, scale)`` in float32 as TF's kernel holds them;
+    ``scale = -0.5 / sigma`` (the weight is ``exp(scale * iou^2)``), 0 for hard NMS."""
+    soft = soft_nms_sigma > 0
+    scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if soft else np.float32(0)
+    return np.float32(iou_threshold), np.float32(score_threshold), soft, scale
+
+
+@functools.cache
+def _select_groups_compiled() -> Callable[..., None] | None:
+    """:func:`model.nms_jit.select_groups` (numba), or None where numba cannot be imported."""
+    try:
+        from .nms_jit import select_groups
+    except ImportError:
+        return None
+    return select_groups
+
+
+def select_groups_python(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                         num_groups: int, max_output_size: int, iou_threshold: np.float32,
+                         score_threshold: np.float32, soft: bool, scale: np.float32,
+                         picks: np.ndarray, picked_scores: np.ndarray, valid: np.ndarray) -> None:
+    """The reference (pure numpy) twin of :func:`model.nms_jit.select_groups`, same arguments:
+    fills ``picks [G, K]``, ``picked_scores [G, K]`` and ``valid [G]`` in place."""
+    kernel = _SuppressionV5(iou_threshold, score_threshold, soft, scale)
+    # Only scores > score_threshold are candidates; a group's rows keep their order (tie rule).
+    candidates = np.flatnonzero(scores > score_threshold)
+    candidates = candidates[np.argsort(groups[candidates], kind="stable")]
+    starts = np.flatnonzero(np.diff(groups[candidates])) + 1
+    for rows in np.split(candidates, starts) if candidates.size else ():
+        group = groups[rows[0]]
+        kept, kept_scores = kernel.select(boxes[rows], scores[rows], max_output_size)
+        valid[group] = len(kept)
+        picks[group, :len(kept)] = rows[kept]
+        picked_scores[group, :len(kept)] = kept_scores
 
 
 class _SuppressionV5:
@@ -193,12 +230,12 @@ class _SuppressionV5:
     candidates and 100 outputs only a few thousand slots are ever touched.
     """
 
-    def __init__(self, iou_threshold: float, score_threshold: float, soft_nms_sigma: float) -> None:
-        # float32 throughout, as the kernel holds its attributes; scale = -0.5 / sigma.
-        self.iou_threshold = np.float32(iou_threshold)
-        self.score_threshold = np.float32(score_threshold)
-        self.soft = soft_nms_sigma > 0
-        self.scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if self.soft else np.float32(0)
+    def __init__(self, iou_threshold: np.float32, score_threshold: np.float32, soft: bool,
+                 scale: np.float32) -> None:
+        self.iou_threshold = iou_threshold
+        self.score_threshold = score_threshold
+        self.soft = soft
+        self.scale = scale
 
     def select(self, boxes: np.ndarray, scores: np.ndarray,
                max_output_size: int) -> tuple[list[int], list[np.float32]]:

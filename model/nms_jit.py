@@ -1,0 +1,160 @@
+"""TensorFlow's ``NonMaxSuppressionV5`` greedy loop compiled with numba (the fast path of
+:func:`model.nms.batched_non_max_suppression_v5`).
+
+The same algorithm as :class:`model.nms._SuppressionV5` (TF's lazy queue): candidates leave one
+priority queue best first (score descending, ties to the lower row); a popped candidate takes the
+decays of the boxes selected since it was last popped, newest first, in float32 with C's ``expf``
+(the function TF's kernel calls); an unchanged score is selected, a decayed one above the
+threshold re-queued. Every queue order gives the same pops because (score, row) keys are distinct.
+tests/test_nms.py checks the two implementations and TensorFlow against each other bit for bit.
+
+Compiled on first use and cached on disk by numba (``cache=True``: next to this file, or in the
+user's cache directory when the package directory is read-only).
+"""
+from __future__ import annotations
+
+import ctypes.util
+
+import llvmlite.binding
+import numpy as np
+from numba import njit, types
+
+# Resolve ``expf`` from the C math library, as TF's kernel does (std::exp<float>).
+llvmlite.binding.load_library_permanently(ctypes.util.find_library("m") or "libm.so.6")
+_expf = types.ExternalFunction("expf", types.float32(types.float32))
+
+
+@njit(cache=True, inline="always")
+def _minimum(a: float, b: float) -> float:
+    """``np.minimum`` of two scalars (NaN if either is NaN)."""
+    return a if a <= b or a != a else b
+
+
+@njit(cache=True, inline="always")
+def _maximum(a: float, b: float) -> float:
+    """``np.maximum`` of two scalars (NaN if either is NaN)."""
+    return a if a >= b or a != a else b
+
+
+@njit(cache=True, inline="always")
+def _better(score_a: float, row_a: int, score_b: float, row_b: int) -> bool:
+    """Queue order: higher score first, ties to the lower row."""
+    return score_a > score_b or (score_a == score_b and row_a < row_b)
+
+
+@njit(cache=True)
+def _sift_down(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, start: int,
+               length: int) -> None:
+    score, row, compared = scores[start], rows[start], since[start]
+    hole = start
+    while True:
+        child = 2 * hole + 1
+        if child >= length:
+            break
+        if child + 1 < length and _better(scores[child + 1], rows[child + 1], scores[child],
+                                          rows[child]):
+            child += 1
+        if not _better(scores[child], rows[child], score, row):
+            break
+        scores[hole], rows[hole], since[hole] = scores[child], rows[child], since[child]
+        hole = child
+    scores[hole], rows[hole], since[hole] = score, row, compared
+
+
+@njit(cache=True)
+def _sift_up(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, hole: int) -> None:
+    score, row, compared = scores[hole], rows[hole], since[hole]
+    while hole > 0:
+        parent = (hole - 1) // 2
+        if not _better(score, row, scores[parent], rows[parent]):
+            break
+        scores[hole], rows[hole], since[hole] = scores[parent], rows[parent], since[parent]
+        hole = parent
+    scores[hole], rows[hole], since[hole] = score, row, compared
+
+
+@njit(cache=True)
+def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, max_output_size: int,
+                  iou_threshold: np.float32, score_threshold: np.float32, soft: bool,
+                  scale: np.float32, picks: np.ndarray, picked_scores: np.ndarray) -> int:
+    """Greedy V5 selection among the rows ``members`` (ascending); writes ``picks`` /
+    ``picked_scores`` in selection order and returns how many were selected."""
+    size = members.size
+    queue_scores = scores[members].copy()
+    queue_rows = members.copy()
+    queue_since = np.zeros(size, dtype=np.int64)   # selections already applied to the entry
+    for start in range((size - 2) // 2, -1, -1):
+        _sift_down(queue_scores, queue_rows, queue_since, start, size)
+    zero = np.float32(0)
+    lo = np.empty((max_output_size, 2), dtype=np.float32)     # selected boxes' geometry
+    hi = np.empty((max_output_size, 2), dtype=np.float32)
+    area = np.empty(max_output_size, dtype=np.float32)
+    selected = 0
+    while selected < max_output_size and size > 0:
+        score, row, since = queue_scores[0], queue_rows[0], queue_since[0]
+        size -= 1
+        if size > 0:
+            queue_scores[0], queue_rows[0], queue_since[0] = (
+                queue_scores[size], queue_rows[size], queue_since[size])
+            _sift_down(queue_scores, queue_rows, queue_since, 0, size)
+        y_lo = _minimum(boxes[row, 0], boxes[row, 2])
+        x_lo = _minimum(boxes[row, 1], boxes[row, 3])
+        y_hi = _maximum(boxes[row, 0], boxes[row, 2])
+        x_hi = _maximum(boxes[row, 1], boxes[row, 3])
+        row_area = (y_hi - y_lo) * (x_hi - x_lo)
+        decayed = score
+        suppressed = False
+        for j in range(selected - 1, since - 1, -1):         # newest selection first
+            height = _maximum(_minimum(y_hi, hi[j, 0]) - _maximum(y_lo, lo[j, 0]), zero)
+            width = _maximum(_minimum(x_hi, hi[j, 1]) - _maximum(x_lo, lo[j, 1]), zero)
+            intersection = height * width
+            iou = intersection / (row_area + area[j] - intersection)
+            if row_area <= zero or area[j] <= zero:
+                iou = zero
+            if soft:
+                if iou != zero:                                # exp(scale * 0 * 0) is exactly 1
+                    decayed = decayed * _expf(scale * iou * iou)
+            elif not iou <= iou_threshold:
+                suppressed = True
+                break
+        if suppressed:
+            continue
+        if decayed == score:
+            picks[selected] = row
+            picked_scores[selected] = decayed
+            lo[selected, 0], lo[selected, 1] = y_lo, x_lo
+            hi[selected, 0], hi[selected, 1] = y_hi, x_hi
+            area[selected] = row_area
+            selected += 1
+        elif decayed > score_threshold:
+            queue_scores[size], queue_rows[size], queue_since[size] = decayed, row, selected
+            _sift_up(queue_scores, queue_rows, queue_since, size)
+            size += 1
+    return selected
+
+
+@njit(cache=True)
+def select_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num_groups: int,
+                  max_output_size: int, iou_threshold: np.float32, score_threshold: np.float32,
+                  soft: bool, scale: np.float32, picks: np.ndarray, picked_scores: np.ndarray,
+                  valid: np.ndarray) -> None:
+    """V5 on every group: ``boxes [N, 4]`` / ``scores [N]`` float32, ``groups [N]`` int64 in
+    ``[0, num_groups)``; fills ``picks [G, K]`` (rows), ``picked_scores [G, K]`` and ``valid [G]``.
+    Candidates are the rows with a score ``> score_threshold``."""
+    counts = np.zeros(num_groups + 1, dtype=np.int64)
+    for row in range(scores.size):
+        if scores[row] > score_threshold:
+            counts[groups[row] + 1] += 1
+    for group in range(num_groups):
+        counts[group + 1] += counts[group]
+    members = np.empty(counts[num_groups], dtype=np.int64)
+    filled = counts[:num_groups].copy()
+    for row in range(scores.size):                       # ascending rows within each group
+        if scores[row] > score_threshold:
+            members[filled[groups[row]]] = row
+            filled[groups[row]] += 1
+    for group in range(num_groups):
+        if counts[group + 1] > counts[group]:
+            valid[group] = _select_group(
+                boxes, scores, members[counts[group]:counts[group + 1]], max_output_size,
+                iou_threshold, score_threshold, soft, scale, picks[group], picked_scores[group])
