@@ -24,25 +24,25 @@ llvmlite.binding.load_library_permanently(ctypes.util.find_library("m") or "libm
 _expf = types.ExternalFunction("expf", types.float32(types.float32))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _minimum(a: float, b: float) -> float:
     """``np.minimum`` of two scalars (NaN if either is NaN)."""
     return a if a <= b or a != a else b
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _maximum(a: float, b: float) -> float:
     """``np.maximum`` of two scalars (NaN if either is NaN)."""
     return a if a >= b or a != a else b
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _better(score_a: float, row_a: int, score_b: float, row_b: int) -> bool:
     """Queue order: higher score first, ties to the lower row."""
     return score_a > score_b or (score_a == score_b and row_a < row_b)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sift_down(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, start: int,
                length: int) -> None:
     score, row, compared = scores[start], rows[start], since[start]
@@ -61,7 +61,7 @@ def _sift_down(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, start: i
     scores[hole], rows[hole], since[hole] = score, row, compared
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sift_up(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, hole: int) -> None:
     score, row, compared = scores[hole], rows[hole], since[hole]
     while hole > 0:
@@ -73,7 +73,7 @@ def _sift_up(scores: np.ndarray, rows: np.ndarray, since: np.ndarray, hole: int)
     scores[hole], rows[hole], since[hole] = score, row, compared
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, max_output_size: int,
                   iou_threshold: np.float32, score_threshold: np.float32, soft: bool,
                   scale: np.float32, picks: np.ndarray, picked_scores: np.ndarray) -> int:
@@ -133,7 +133,7 @@ def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, ma
     return selected
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def select_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num_groups: int,
                   max_output_size: int, iou_threshold: np.float32, score_threshold: np.float32,
                   soft: bool, scale: np.float32, picks: np.ndarray, picked_scores: np.ndarray,
