@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes.util
 
-import llvmlite.binding
+import llvmlite.binding  # type: ignore[import-untyped]
 import numpy as np
 from numba import njit, types
 
@@ -25,13 +25,13 @@ _expf = types.ExternalFunction("expf", types.float32(types.float32))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _minimum(a: float, b: float) -> float:
+def _minimum(a: np.floating, b: np.floating) -> np.floating:
     """``np.minimum`` of two scalars (NaN if either is NaN)."""
     return a if a <= b or a != a else b
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _maximum(a: float, b: float) -> float:
+def _maximum(a: np.floating, b: np.floating) -> np.floating:
     """``np.maximum`` of two scalars (NaN if either is NaN)."""
     return a if a >= b or a != a else b
 
