@@ -492,10 +492,134 @@ def batched_nms_np(
     _check_inputs(boxes_xyxy, scores, groups)
     groups = groups.long()
     method = _resolve_np_method(method)
-    if method in ("hard", "diou"):
-        return _np_hard(boxes_xyxy, scores, groups, num_groups, iou_thresh or 0.5, method == "diou")
-    return _np_soft(boxes_xyxy, scores, groups, num_groups, method,
-                    iou_thresh or 0.3, sigma or 0.5, score_thresh or 0.001)
+    hard = method in ("hard", "diou")
+    params = _NpParams(method, iou_thresh or (0.5 if hard else 0.3), sigma or 0.5,
+                       score_thresh or 0.001)
+    if (_np_kernels_compiled() is not None and boxes_xyxy.dtype == torch.float32
+            and scores.dtype == torch.float32):
+        return _np_compiled(boxes_xyxy, scores, groups, params)
+    if hard:
+        return _np_hard(boxes_xyxy, scores, groups, num_groups, params)
+    return _np_soft(boxes_xyxy, scores, groups, num_groups, params)
+
+
+class _NpParams(NamedTuple):
+    """nms_np's effective parameters (defaults applied); soft methods use ``sigma`` (gaussian),
+    ``iou_thresh`` (linear) and ``score_thresh``, hard/diou only ``iou_thresh``."""
+    method: str
+    iou_thresh: float
+    sigma: float
+    score_thresh: float
+
+
+def _np_pair_weights(boxes_rows: Tensor, boxes_picks: Tensor, areas_rows: Tensor,
+                     areas_picks: Tensor, params: _NpParams) -> Tensor:
+    """The soft decay a picked box puts on a row (broadcast): gaussian ``np.exp(-iou^2 / sigma)``,
+    linear ``1 - iou`` above ``iou_thresh`` (else 1)."""
+    iou = iou_np(boxes_rows, boxes_picks, areas_rows, areas_picks)
+    if params.method == "gaussian":
+        return numpy_exp_f32(-(iou * iou) / params.sigma)
+    return torch.where(iou > params.iou_thresh, 1 - iou, torch.ones_like(iou))
+
+
+def _np_pair_keeps(boxes_rows: Tensor, boxes_picks: Tensor, areas_rows: Tensor,
+                   areas_picks: Tensor, params: _NpParams) -> Tensor:
+    """Whether a row survives a picked box in hard/diou NMS (broadcast): overlap
+    ``<= iou_thresh``, the overlap being IoU or diou = IoU - centre distance^2 / (enclosing
+    diagonal^2 + 1e-10)."""
+    overlap = iou_np(boxes_rows, boxes_picks, areas_rows, areas_picks)
+    if params.method == "diou":
+        enclosing = (torch.maximum(boxes_rows[..., 2:], boxes_picks[..., 2:])
+                     - torch.minimum(boxes_rows[..., :2], boxes_picks[..., :2]))
+        diagonal = enclosing[..., 0] ** 2 + enclosing[..., 1] ** 2
+        offset = _centres(boxes_rows) - _centres(boxes_picks)
+        distance = offset[..., 0] ** 2 + offset[..., 1] ** 2
+        overlap = overlap - distance / (diagonal + 1e-10)
+    return overlap <= params.iou_thresh
+
+
+def _centres(boxes_xyxy: Tensor) -> Tensor:
+    return (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
+
+
+@functools.cache
+def _np_kernels_compiled() -> Any:
+    """:mod:`model.nms_np_jit` (numba), or None where numba cannot be imported."""
+    try:
+        from . import nms_np_jit
+    except ImportError:
+        return None
+    return nms_np_jit
+
+
+# Pair-matrix entries the compiled nms_np path builds at a time (a larger single group gets its
+# own batch) and picks per torch evaluation (bounds the temporaries).
+_NP_PAIRS_PER_BATCH = 1 << 24
+_NP_PICKS_PER_BLOCK = 256
+
+
+def _np_compiled(boxes: Tensor, scores: Tensor, groups: Tensor,
+                 params: _NpParams) -> tuple[Tensor, Tensor]:
+    """:func:`batched_nms_np` with the greedy loops compiled (:mod:`model.nms_np_jit`).
+
+    Per group, every number the loop needs is computed up front as a ``[pick, row]`` matrix by
+    :func:`_np_pair_weights` / :func:`_np_pair_keeps` (the vectorised path's own expressions, so
+    the values are the same); groups are batched so the matrices stay under
+    ``_NP_PAIRS_PER_BATCH`` entries.
+    """
+    kernels = _np_kernels_compiled()
+    hard = params.method in ("hard", "diou")
+    device = scores.device
+    boxes_cpu = boxes.detach().cpu()
+    scores_cpu = scores.detach().cpu()
+    groups_np = groups.detach().cpu().numpy()
+    by_group = np.argsort(groups_np, kind="stable")        # a group's rows keep their order
+    sizes = np.unique(groups_np[by_group], return_counts=True)[1] if by_group.size else by_group
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    kept_parts: list[np.ndarray] = []
+    score_parts: list[np.ndarray] = []
+    first = 0
+    while first < sizes.size:
+        last = first + 1
+        while last < sizes.size and int((sizes[first:last + 1] ** 2).sum()) <= _NP_PAIRS_PER_BATCH:
+            last += 1
+        rows = by_group[starts[first]:starts[last]]
+        batch_starts = starts[first:last + 1] - starts[first]
+        matrices = [_np_pair_matrix(boxes_cpu[rows[lo:hi]], params, hard)
+                    for lo, hi in zip(batch_starts[:-1], batch_starts[1:])]
+        flat = np.concatenate([matrix.reshape(-1) for matrix in matrices])
+        matrix_starts = np.concatenate([[0], np.cumsum(sizes[first:last] ** 2)]).astype(np.int64)
+        batch_scores = scores_cpu[rows].numpy()
+        kept = np.empty(rows.size, dtype=np.int64)
+        if hard:
+            orders = np.concatenate([np.argsort(batch_scores[lo:hi])[::-1] for lo, hi in
+                                     zip(batch_starts[:-1], batch_starts[1:])]).astype(np.int64)
+            count = kernels.hard_groups(batch_starts, orders, flat, matrix_starts, kept)
+            kept_scores = batch_scores[kept[:count]]
+        else:
+            kept_scores = np.empty(rows.size, dtype=batch_scores.dtype)
+            count = kernels.soft_groups(batch_scores, batch_starts, flat, matrix_starts,
+                                        batch_scores.dtype.type(params.score_thresh), kept,
+                                        kept_scores)
+            kept_scores = kept_scores[:count]
+        kept_parts.append(rows[kept[:count]])
+        score_parts.append(kept_scores)
+        first = last
+    if not kept_parts:
+        return torch.zeros(0, dtype=torch.int64, device=device), scores.new_zeros(0)
+    return (torch.from_numpy(np.concatenate(kept_parts)).to(device),
+            torch.from_numpy(np.concatenate(score_parts)).to(device=device, dtype=scores.dtype))
+
+
+def _np_pair_matrix(boxes: Tensor, params: _NpParams, hard: bool) -> np.ndarray:
+    """``[pick, row]`` weights (soft) or keeps (hard/diou) of one group, computed
+    ``_NP_PICKS_PER_BLOCK`` picks at a time."""
+    areas = _areas_np(boxes)
+    pair = _np_pair_keeps if hard else _np_pair_weights
+    blocks = [pair(boxes[None, :], boxes[lo:lo + _NP_PICKS_PER_BLOCK, None],
+                   areas[None, :], areas[lo:lo + _NP_PICKS_PER_BLOCK, None], params)
+              for lo in range(0, boxes.shape[0], _NP_PICKS_PER_BLOCK)]
+    return torch.cat(blocks).numpy()
 
 
 def nms_np(
@@ -543,8 +667,8 @@ def numpy_argsort(values: Tensor) -> Tensor:
     return torch.from_numpy(order.astype(np.int64)).to(values.device)
 
 
-def _np_soft(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, method: str,
-             iou_thresh: float, sigma: float, score_thresh: float) -> tuple[Tensor, Tensor]:
+def _np_soft(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int,
+             params: _NpParams) -> tuple[Tensor, Tensor]:
     """nms_np.soft_nms: argmax, swap into row 0, keep it, decay the rest, drop ``< score_thresh``.
 
     The first box of a group is kept even when its score is below ``score_thresh`` (nms_np only
@@ -552,7 +676,7 @@ def _np_soft(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, met
     """
     n = scores.numel()
     device, dtype = scores.device, scores.dtype
-    threshold = torch.tensor(score_thresh, dtype=dtype, device=device)
+    threshold = torch.tensor(params.score_thresh, dtype=dtype, device=device)
     boxes_pad = torch.cat([boxes, boxes.new_zeros(1, 4)])
     areas = _areas_np(boxes_pad)
     current = torch.cat([scores, scores.new_zeros(1)])
@@ -575,11 +699,8 @@ def _np_soft(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, met
         values.append(current[pick])
         alive[pick] = False
         alive[n] = False
-        iou = iou_np(boxes_pad, boxes_pad[pick][groups_pad], areas, areas[pick][groups_pad])
-        if method == "gaussian":
-            weight = numpy_exp_f32(-(iou * iou) / sigma)
-        else:  # linear
-            weight = torch.where(iou > iou_thresh, 1 - iou, torch.ones_like(iou))
+        weight = _np_pair_weights(boxes_pad, boxes_pad[pick][groups_pad], areas,
+                                  areas[pick][groups_pad], params)
         current = torch.where(alive, current * weight, current)
         alive &= current >= threshold
     return _collect(picks, values, n, scores)
@@ -598,8 +719,8 @@ def _np_descending_rank(scores: Tensor, groups: Tensor) -> Tensor:
     return torch.from_numpy(rank).to(scores.device)
 
 
-def _np_hard(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, iou_thresh: float,
-             diou: bool) -> tuple[Tensor, Tensor]:
+def _np_hard(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int,
+             params: _NpParams) -> tuple[Tensor, Tensor]:
     """nms_np.hard_nms / diou_nms: visit boxes by descending score, drop overlaps ``> iou_thresh``.
 
     No score threshold; kept scores are the input scores.
@@ -610,7 +731,6 @@ def _np_hard(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, iou
     boxes_pad = torch.cat([boxes, boxes.new_zeros(1, 4)])
     scores_pad = torch.cat([scores, scores.new_zeros(1)])
     areas = _areas_np(boxes_pad)
-    centres = (boxes_pad[:, :2] + boxes_pad[:, 2:]) / 2
     alive = torch.ones(n + 1, dtype=torch.bool, device=device)
     alive[n] = False
     groups_pad = torch.cat([groups, groups.new_zeros(1)])
@@ -623,15 +743,6 @@ def _np_hard(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, iou
         values.append(scores_pad[pick])
         alive[pick] = False
         alive[n] = False
-        other = boxes_pad[pick][groups_pad]
-        overlap = iou_np(boxes_pad, other, areas, areas[pick][groups_pad])
-        if diou:
-            # diou = iou - |centre distance|^2 / (|enclosing box diagonal|^2 + 1e-10)
-            enclosing = (torch.maximum(boxes_pad[:, 2:], other[:, 2:])
-                         - torch.minimum(boxes_pad[:, :2], other[:, :2]))
-            diagonal = enclosing[:, 0] ** 2 + enclosing[:, 1] ** 2
-            offset = centres - centres[pick][groups_pad]
-            distance = offset[:, 0] ** 2 + offset[:, 1] ** 2
-            overlap = overlap - distance / (diagonal + 1e-10)
-        alive &= overlap <= iou_thresh
+        alive &= _np_pair_keeps(boxes_pad, boxes_pad[pick][groups_pad], areas,
+                                areas[pick][groups_pad], params)
     return _collect(picks, values, n, scores)

@@ -35,6 +35,19 @@ def v5_kernel(request, monkeypatch):
 BOTH_KERNELS = pytest.mark.usefixtures("v5_kernel")
 
 
+@pytest.fixture(params=["compiled", "vectorised"])
+def np_kernel(request, monkeypatch):
+    """Run an nms_np test through the numba loops (the default) and the vectorised torch loop."""
+    if request.param == "vectorised":
+        monkeypatch.setattr(nms, "_np_kernels_compiled", lambda: None)
+    else:
+        assert nms._np_kernels_compiled() is not None, "numba kernels did not load"
+    return request.param
+
+
+BOTH_NP_KERNELS = pytest.mark.usefixtures("np_kernel")
+
+
 def _boxes(*rows):
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -181,6 +194,7 @@ def test_large_input_window_growth_is_exact():
 # ----------------------------------------------------------------------------------- nms_np
 
 
+@BOTH_NP_KERNELS
 def test_np_plus_one_convention_on_small_boxes():
     # Plain IoU 0.6 -> +1 IoU 77/121 = 0.6364 -> factor exp(-0.6364^2 / 0.5) = 0.4449 (TF: 0.4868).
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6])                       # x1, y1, x2, y2
@@ -191,17 +205,20 @@ def test_np_plus_one_convention_on_small_boxes():
     torch.testing.assert_close(tf_scores[1] / np.float32(0.8), torch.tensor(0.4868), rtol=0, atol=5e-5)
 
 
+@BOTH_NP_KERNELS
 def test_np_keeps_scores_at_threshold():
     boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
     indices, _ = nms_np(boxes, _scores(0.5, 0.001, 0.0009), "gaussian")
     assert indices.tolist() == [0, 1]                                   # >= 0.001 stays, below goes
 
 
+@BOTH_NP_KERNELS
 def test_np_first_box_is_kept_below_threshold():
     indices, scores = nms_np(_boxes([0, 0, 10, 10]), _scores(0.0005), "gaussian")
     assert indices.tolist() == [0] and scores.tolist() == [np.float32(0.0005)]
 
 
+@BOTH_NP_KERNELS
 def test_np_row_swapping_decides_ties():
     # numpy swaps the max into row 0: [b0, b1, b2] -> [b2, b1, b0], so the 0.5 tie goes to b1.
     boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
@@ -211,6 +228,7 @@ def test_np_row_swapping_decides_ties():
     assert tf_indices.tolist() == [2, 0, 1]
 
 
+@BOTH_NP_KERNELS
 def test_np_linear_decays_only_above_iou_thresh():
     # +1 IoUs with box 0: 77/121 = 0.636 (decayed by 1 - IoU) and 22/220 = 0.1 (< default 0.3).
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6], [0, 9, 10, 19])
@@ -219,6 +237,7 @@ def test_np_linear_decays_only_above_iou_thresh():
     torch.testing.assert_close(scores, _scores(0.9, 0.7, 0.8 * (1 - 77 / 121)), rtol=1e-6, atol=0)
 
 
+@BOTH_NP_KERNELS
 def test_np_hard_and_diou():
     # +1 IoU 70/130 = 0.538 > 0.5: hard removes box 1; diou subtracts 9/225 -> 0.498 and keeps it.
     boxes = _boxes([0, 0, 9, 9], [3, 0, 12, 9])
@@ -232,6 +251,7 @@ def test_np_hard_and_diou():
     assert kept.tolist() == [0, 1] and kept_scores.tolist() == _scores(0.5, 1e-6).tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_hard_order_is_numpys_argsort():
     scores = np.array([0.3, 0.7, 0.3, 0.7, 0.5] * 6, dtype=np.float32)
     boxes = torch.tensor([[i * 20, 0, i * 20 + 9, 9] for i in range(30)], dtype=torch.float32)
@@ -239,6 +259,7 @@ def test_np_hard_order_is_numpys_argsort():
     assert indices.tolist() == np.argsort(scores)[::-1].tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_batched_groups_in_group_order():
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
     groups = torch.tensor([2, 0, 2])
@@ -247,6 +268,7 @@ def test_np_batched_groups_in_group_order():
     assert scores[:2].tolist() == _scores(0.5, 0.9).tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_rejects_unknown_method():
     with pytest.raises(ValueError):
         nms_np(_boxes([0, 0, 1, 1]), _scores(0.5), "softer")
@@ -402,3 +424,43 @@ def test_compiled_decay_is_float32_with_c_expf():
     weight = np.array([libm.expf(v) for v in argument.tolist()], dtype=np.float32)
     assert valid.tolist() == [2] * pairs and (iou > 0).sum() > pairs // 2
     assert picked_scores[:, 1].tobytes() == (np.float32(0.9) * weight).tobytes()
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard", "diou"])
+def test_compiled_nms_np_is_bit_identical_to_vectorised(method, monkeypatch):
+    rng = np.random.default_rng(["gaussian", "linear", "hard", "diou"].index(method))
+    for case in range(6):
+        n = int(rng.integers(1, 700))
+        boxes, scores = (_clustered, _tied_and_saturated)[case % 2](rng, n)
+        boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]),
+                                np.maximum(boxes[:, :2], boxes[:, 2:])], 1)    # x1 <= x2
+        num_groups = int(rng.integers(1, 8))
+        args = (torch.from_numpy(boxes), torch.from_numpy(scores),
+                torch.from_numpy(rng.integers(0, num_groups, n)), num_groups, method,
+                float(rng.choice([0, 0.3, 0.6])), float(rng.choice([0, 0.1, 0.5])),
+                float(rng.choice([0, 0.01, 0.3])))
+        indices, kept_scores = batched_nms_np(*args)
+        with monkeypatch.context() as patch:
+            patch.setattr(nms, "_np_kernels_compiled", lambda: None)
+            want_indices, want_scores = batched_nms_np(*args)
+        assert indices.numel() > 0
+        assert indices.tolist() == want_indices.tolist(), f"case {case}"
+        assert kept_scores.numpy().tobytes() == want_scores.numpy().tobytes(), f"case {case}"
+
+
+def test_compiled_nms_np_batches_large_groups(monkeypatch):
+    # Groups whose [pick, row] matrices exceed one batch go in several kernel calls.
+    monkeypatch.setattr(nms, "_NP_PAIRS_PER_BATCH", 100_000)
+    monkeypatch.setattr(nms, "_NP_PICKS_PER_BLOCK", 100)
+    rng = np.random.default_rng(9)
+    boxes, scores = _tied_and_saturated(rng, 1600)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]),
+                            np.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    groups = torch.from_numpy(rng.integers(0, 4, 1600))
+    indices, kept_scores = batched_nms_np(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                          groups, 4)
+    monkeypatch.setattr(nms, "_np_kernels_compiled", lambda: None)
+    want_indices, want_scores = batched_nms_np(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                               groups, 4)
+    assert indices.tolist() == want_indices.tolist()
+    assert kept_scores.numpy().tobytes() == want_scores.numpy().tobytes()
