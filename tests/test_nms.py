@@ -325,7 +325,9 @@ def test_bit_identical_to_tensorflow_on_random_tied_and_saturated_inputs(
         seed, sigma, iou_threshold, score_threshold):
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(seed)
-    for make, n, max_output in ((_clustered, 5000, 100), (_tied_and_saturated, 2000, 300)):
+    # 20,000 boxes: more than the compiled kernel's first heap (it refills from its reserve).
+    for make, n, max_output in ((_clustered, 5000, 100), (_tied_and_saturated, 2000, 300),
+                                (_tied_and_saturated, 20000, 100)):
         boxes, scores = make(rng, n)
         expected_idx, expected_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
             boxes=boxes, scores=scores, max_output_size=max_output, iou_threshold=iou_threshold,
@@ -354,12 +356,12 @@ def test_expf_is_the_c_librarys():
 # ------------------------------------------------------- numba kernel against its numpy twin
 
 
-def _run_v5(select, boxes, scores, groups, num_groups, max_output, *args):
+def _run_v5(select, boxes, scores, groups, num_groups, max_output, *args, **options):
     picks = np.zeros((num_groups, max_output), dtype=np.int64)
     picked_scores = np.zeros((num_groups, max_output), dtype=np.float32)
     valid = np.zeros(num_groups, dtype=np.int64)
     select(boxes, scores, groups, num_groups, max_output,
-           *nms.v5_parameters(*args), picks, picked_scores, valid)
+           *nms.v5_parameters(*args), picks, picked_scores, valid, **options)
     return picks, picked_scores, valid
 
 
@@ -389,10 +391,12 @@ def test_compiled_kernel_is_bit_identical_to_numpy_reference(sigma, iou_threshol
         args = (boxes, scores, groups, num_groups, max_output, iou_threshold, score_threshold,
                 sigma)
         want = _run_v5(nms.select_groups_python, *args)
-        got = _run_v5(compiled, *args)
         assert want[2].sum() > 0
-        for expected, actual in zip(want, got):
-            assert actual.tobytes() == expected.tobytes(), f"case {case}"
+        # The default heap, and a small first chunk so that large groups refill from the reserve.
+        for first_chunk in (4096, int(rng.integers(1, 40))):
+            got = _run_v5(compiled, *args, first_chunk=first_chunk)
+            for expected, actual in zip(want, got):
+                assert actual.tobytes() == expected.tobytes(), f"case {case}, {first_chunk}"
 
 
 def test_compiled_decay_is_float32_with_c_expf():
