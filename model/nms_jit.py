@@ -146,9 +146,14 @@ def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, ma
     probe = np.empty(1, dtype=np.float32)
     probe_bits = probe.view(np.int32)
     zero = np.float32(0)
-    lo = np.empty((max_output_size, 2), dtype=np.float32)     # selected boxes' geometry
-    hi = np.empty((max_output_size, 2), dtype=np.float32)
-    area = np.empty(max_output_size, dtype=np.float32)
+    # The selected boxes' geometry (one array per coordinate, so the IoU loop vectorises) and
+    # one popped candidate's IoUs with them.
+    selected_y_lo = np.empty(max_output_size, dtype=np.float32)
+    selected_x_lo = np.empty(max_output_size, dtype=np.float32)
+    selected_y_hi = np.empty(max_output_size, dtype=np.float32)
+    selected_x_hi = np.empty(max_output_size, dtype=np.float32)
+    selected_area = np.empty(max_output_size, dtype=np.float32)
+    ious = np.empty(max_output_size, dtype=np.float32)
     selected = 0
     while selected < max_output_size:
         while reserve_size > 0:
@@ -173,15 +178,18 @@ def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, ma
         y_hi = _maximum(boxes[row, 0], boxes[row, 2])
         x_hi = _maximum(boxes[row, 1], boxes[row, 3])
         row_area = (y_hi - y_lo) * (x_hi - x_lo)
+        for j in range(since, selected):
+            height = _maximum(_minimum(y_hi, selected_y_hi[j])
+                              - _maximum(y_lo, selected_y_lo[j]), zero)
+            width = _maximum(_minimum(x_hi, selected_x_hi[j])
+                             - _maximum(x_lo, selected_x_lo[j]), zero)
+            intersection = height * width
+            iou = intersection / (row_area + selected_area[j] - intersection)
+            ious[j] = zero if row_area <= zero or selected_area[j] <= zero else iou
         decayed = score
         suppressed = False
         for j in range(selected - 1, since - 1, -1):         # newest selection first
-            height = _maximum(_minimum(y_hi, hi[j, 0]) - _maximum(y_lo, lo[j, 0]), zero)
-            width = _maximum(_minimum(x_hi, hi[j, 1]) - _maximum(x_lo, lo[j, 1]), zero)
-            intersection = height * width
-            iou = intersection / (row_area + area[j] - intersection)
-            if row_area <= zero or area[j] <= zero:
-                iou = zero
+            iou = ious[j]
             if soft:
                 if iou != zero:                                # exp(scale * 0 * 0) is exactly 1
                     decayed = decayed * _expf(scale * iou * iou)
@@ -193,9 +201,9 @@ def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, ma
         if decayed == score:
             picks[selected] = row
             picked_scores[selected] = decayed
-            lo[selected, 0], lo[selected, 1] = y_lo, x_lo
-            hi[selected, 0], hi[selected, 1] = y_hi, x_hi
-            area[selected] = row_area
+            selected_y_lo[selected], selected_x_lo[selected] = y_lo, x_lo
+            selected_y_hi[selected], selected_x_hi[selected] = y_hi, x_hi
+            selected_area[selected] = row_area
             selected += 1
         elif decayed > score_threshold:
             queue_scores[size], queue_rows[size], queue_since[size] = decayed, row, selected
