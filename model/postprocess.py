@@ -201,11 +201,28 @@ def pre_nms(
         deltas = torch.gather(box_deltas, 1, anchor_index[..., None].expand(-1, -1, 4))
         boxes = decode_boxes(deltas, anchors[anchor_index])
     else:
-        # torch.argmax and tf.math.argmax both return the first maximum.
-        classes = cls_logits.argmax(dim=-1)
-        logits = torch.gather(cls_logits, 2, classes[..., None])[..., 0]
+        # torch.max's indices and tf.math.argmax are both the first maximum.
+        logits, classes = cls_logits.max(dim=-1)
         boxes = decode_boxes(box_deltas, anchors)
     return boxes, torch.sigmoid(logits), classes
+
+
+def _best_class_candidates(cls_logits: Tensor, box_deltas: Tensor,
+                           anchors_yxyx: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`pre_nms` with ``max_nms_inputs == 0`` without the classes (the global path needs
+    only the selected rows' classes, :func:`_first_max_class`): ``(boxes_yxyx, scores)``, the same
+    values (a row's maximum logit is its first maximum's; ``sigmoid(-0.0) == sigmoid(0.0)``)."""
+    _check_heads(cls_logits, box_deltas, anchors_yxyx)
+    cls_logits = cls_logits.float()
+    anchors = anchors_yxyx.to(device=cls_logits.device, dtype=torch.float32)
+    return decode_boxes(box_deltas.float(), anchors), torch.sigmoid(cls_logits.amax(dim=-1))
+
+
+def _first_max_class(cls_logits: Tensor, anchor_index: Tensor) -> Tensor:
+    """``argmax`` over the classes of the anchors ``anchor_index [N, K]`` (first maximum)."""
+    num_classes = cls_logits.shape[-1]
+    rows = torch.gather(cls_logits, 1, anchor_index[..., None].expand(-1, -1, num_classes))
+    return rows.float().argmax(dim=-1)
 
 
 # Port of automl efficientdet/tf2/postprocess.py::postprocess_global @ 6a54c87
@@ -223,7 +240,10 @@ def postprocess_global(
     per image over all candidates (soft by default), classes + 1, boxes clipped to the padded network
     input ``[0, H] x [0, W]`` and then multiplied by ``image_scales``.
     """
-    boxes, scores, classes = pre_nms(cls_logits, box_deltas, anchors_yxyx, nms.max_nms_inputs)
+    if nms.max_nms_inputs > 0:
+        boxes, scores, classes = pre_nms(cls_logits, box_deltas, anchors_yxyx, nms.max_nms_inputs)
+    else:
+        boxes, scores = _best_class_candidates(cls_logits, box_deltas, anchors_yxyx)
     batch, num = scores.shape
     iou_threshold, score_threshold, sigma = nms.tf_nms_args()
     groups = torch.arange(batch, device=scores.device).repeat_interleave(num)
@@ -235,7 +255,9 @@ def postprocess_global(
     offset = torch.arange(batch, device=picks.device)[:, None] * num
     picks = torch.where(real, picks - offset, torch.zeros_like(picks))
     nms_boxes = torch.gather(boxes, 1, picks[..., None].expand(-1, -1, 4))
-    nms_classes = (torch.gather(classes, 1, picks) + CLASS_OFFSET).float()
+    picked_classes = (torch.gather(classes, 1, picks) if nms.max_nms_inputs > 0
+                      else _first_max_class(cls_logits, picks))
+    nms_classes = (picked_classes + CLASS_OFFSET).float()
     height, width = image_hw
     upper = torch.tensor([height, width, height, width], dtype=torch.float32, device=boxes.device)
     nms_boxes = torch.minimum(nms_boxes, upper).clamp(min=0.0)                # tf.clip_by_value

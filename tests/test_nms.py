@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import nms
 from model.nms import (batched_nms_np, batched_non_max_suppression_v5, iou_tf, nms_np,
                        non_max_suppression_v5)
 
@@ -19,6 +20,32 @@ from model.nms import (batched_nms_np, batched_non_max_suppression_v5, iou_tf, n
 SOFT = dict(iou_threshold=0.5, score_threshold=0.001, soft_nms_sigma=0.25)
 # README: TF factors for IoU 0.2, 0.3, ..., 1.0 (= exp(-2 IoU^2)).
 MEASURED_FACTORS = [0.9231, 0.8353, 0.7261, 0.6065, 0.4868, 0.3753, 0.2780, 0.1979, 0.1353]
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def v5_kernel(request, monkeypatch):
+    """Run a V5 test through the numba kernel (the default) and through its numpy reference."""
+    if request.param == "numpy":
+        monkeypatch.setattr(nms, "_select_groups_compiled", lambda: None)
+    else:
+        assert nms._select_groups_compiled() is not None, "numba kernel did not load"
+    return request.param
+
+
+BOTH_KERNELS = pytest.mark.usefixtures("v5_kernel")
+
+
+@pytest.fixture(params=["compiled", "vectorised"])
+def np_kernel(request, monkeypatch):
+    """Run an nms_np test through the numba loops (the default) and the vectorised torch loop."""
+    if request.param == "vectorised":
+        monkeypatch.setattr(nms, "_np_kernels_compiled", lambda: None)
+    else:
+        assert nms._np_kernels_compiled() is not None, "numba kernels did not load"
+    return request.param
+
+
+BOTH_NP_KERNELS = pytest.mark.usefixtures("np_kernel")
 
 
 def _boxes(*rows):
@@ -30,6 +57,7 @@ def _scores(*values):
 
 
 @pytest.mark.parametrize("tenths, factor", list(zip(range(2, 11), MEASURED_FACTORS)))
+@BOTH_KERNELS
 def test_soft_factor_at_every_iou(tenths, factor):
     # A 10x10 box and one sharing a corner, width `tenths`: plain IoU = tenths / 10.
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, tenths])
@@ -39,6 +67,7 @@ def test_soft_factor_at_every_iou(tenths, factor):
     torch.testing.assert_close(scores[1] / np.float32(0.8), torch.tensor(factor), rtol=0, atol=5e-5)
 
 
+@BOTH_KERNELS
 def test_soft_ignores_iou_threshold():
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 3], [20, 20, 30, 30])
     scores = _scores(0.9, 0.8, 0.7, 0.6)
@@ -49,6 +78,7 @@ def test_soft_ignores_iou_threshold():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@BOTH_KERNELS
 def test_decay_compounds_over_selected_boxes():
     # A1 and A2 touch (IoU 0); C overlaps each with IoU 1/3.
     boxes = _boxes([0, 0, 10, 10], [0, 10, 10, 20], [0, 5, 10, 15])
@@ -58,6 +88,7 @@ def test_decay_compounds_over_selected_boxes():
     torch.testing.assert_close(scores[2], torch.tensor(0.8 * math.exp(-2 / 9) ** 2), rtol=0, atol=1e-6)
 
 
+@BOTH_KERNELS
 def test_greedy_on_decayed_scores():
     # README: A 0.9, D 0.8 (IoU 0.9 with A), E 0.6 (disjoint) -> A, E, D with 0.9, 0.6, 0.1583.
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60])
@@ -67,6 +98,7 @@ def test_greedy_on_decayed_scores():
     assert bool((scores[:-1] >= scores[1:]).all())
 
 
+@BOTH_KERNELS
 def test_score_threshold_is_strict_for_candidates():
     boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30])
     indices, _ = non_max_suppression_v5(boxes, _scores(0.001, 0.0011), 100, **SOFT)
@@ -74,6 +106,7 @@ def test_score_threshold_is_strict_for_candidates():
 
 
 @pytest.mark.parametrize("decayed, kept", [(0.000999, False), (0.00101, True)])
+@BOTH_KERNELS
 def test_decayed_score_at_threshold_is_dropped(decayed, kept):
     # An exact duplicate decays by exp(-2) = 0.135335.
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10])
@@ -84,6 +117,7 @@ def test_decayed_score_at_threshold_is_dropped(decayed, kept):
         torch.testing.assert_close(scores[1], torch.tensor(decayed), rtol=1e-5, atol=0)
 
 
+@BOTH_KERNELS
 def test_iou_is_plain_and_corner_order_free():
     a = _boxes([0, 0, 10, 10])
     b = _boxes([0, 0, 10, 6])
@@ -93,6 +127,7 @@ def test_iou_is_plain_and_corner_order_free():
     assert iou_tf(a, _boxes([5, 5, 5, 9])).item() == 0.0
 
 
+@BOTH_KERNELS
 def test_max_output_size_caps_selection():
     boxes = torch.tensor([[i * 20, 0, i * 20 + 10, 10] for i in range(10)], dtype=torch.float32)
     scores = torch.linspace(0.9, 0.1, 10)
@@ -100,6 +135,7 @@ def test_max_output_size_caps_selection():
     assert indices.tolist() == [0, 1, 2, 3]
 
 
+@BOTH_KERNELS
 def test_ties_go_to_the_lower_index():
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [30, 30, 40, 40])
     indices, _ = non_max_suppression_v5(boxes, _scores(0.5, 0.5, 0.5), 100, **SOFT)
@@ -107,6 +143,7 @@ def test_ties_go_to_the_lower_index():
 
 
 @pytest.mark.parametrize("iou_threshold, kept", [(0.5, [0, 1, 2]), (0.49, [0, 2])])
+@BOTH_KERNELS
 def test_hard_nms_suppresses_above_threshold(iou_threshold, kept):
     # IoU(0, 1) = 0.5 exactly: kept at threshold 0.5 (suppression needs IoU > threshold).
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 5], [40, 40, 50, 50])
@@ -116,6 +153,7 @@ def test_hard_nms_suppresses_above_threshold(iou_threshold, kept):
     torch.testing.assert_close(out_scores, scores[kept], rtol=0, atol=0)   # hard: undecayed
 
 
+@BOTH_KERNELS
 def test_batched_groups_are_independent_and_padded_like_tf():
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
     scores = _scores(0.9, 0.8, 0.7)
@@ -128,6 +166,7 @@ def test_batched_groups_are_independent_and_padded_like_tf():
     torch.testing.assert_close(out_scores[1], _scores(0.8, 0.7 * math.exp(-2), 0), rtol=1e-6, atol=0)
 
 
+@BOTH_KERNELS
 def test_large_input_window_growth_is_exact():
     # The 2000 best boxes sit on one spot; once one is selected the others decay below boxes
     # outside the initial search window (2048 rows), which must then join with every decay
@@ -155,6 +194,7 @@ def test_large_input_window_growth_is_exact():
 # ----------------------------------------------------------------------------------- nms_np
 
 
+@BOTH_NP_KERNELS
 def test_np_plus_one_convention_on_small_boxes():
     # Plain IoU 0.6 -> +1 IoU 77/121 = 0.6364 -> factor exp(-0.6364^2 / 0.5) = 0.4449 (TF: 0.4868).
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6])                       # x1, y1, x2, y2
@@ -165,17 +205,20 @@ def test_np_plus_one_convention_on_small_boxes():
     torch.testing.assert_close(tf_scores[1] / np.float32(0.8), torch.tensor(0.4868), rtol=0, atol=5e-5)
 
 
+@BOTH_NP_KERNELS
 def test_np_keeps_scores_at_threshold():
     boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
     indices, _ = nms_np(boxes, _scores(0.5, 0.001, 0.0009), "gaussian")
     assert indices.tolist() == [0, 1]                                   # >= 0.001 stays, below goes
 
 
+@BOTH_NP_KERNELS
 def test_np_first_box_is_kept_below_threshold():
     indices, scores = nms_np(_boxes([0, 0, 10, 10]), _scores(0.0005), "gaussian")
     assert indices.tolist() == [0] and scores.tolist() == [np.float32(0.0005)]
 
 
+@BOTH_NP_KERNELS
 def test_np_row_swapping_decides_ties():
     # numpy swaps the max into row 0: [b0, b1, b2] -> [b2, b1, b0], so the 0.5 tie goes to b1.
     boxes = _boxes([0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50])
@@ -185,6 +228,7 @@ def test_np_row_swapping_decides_ties():
     assert tf_indices.tolist() == [2, 0, 1]
 
 
+@BOTH_NP_KERNELS
 def test_np_linear_decays_only_above_iou_thresh():
     # +1 IoUs with box 0: 77/121 = 0.636 (decayed by 1 - IoU) and 22/220 = 0.1 (< default 0.3).
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 6], [0, 9, 10, 19])
@@ -193,6 +237,7 @@ def test_np_linear_decays_only_above_iou_thresh():
     torch.testing.assert_close(scores, _scores(0.9, 0.7, 0.8 * (1 - 77 / 121)), rtol=1e-6, atol=0)
 
 
+@BOTH_NP_KERNELS
 def test_np_hard_and_diou():
     # +1 IoU 70/130 = 0.538 > 0.5: hard removes box 1; diou subtracts 9/225 -> 0.498 and keeps it.
     boxes = _boxes([0, 0, 9, 9], [3, 0, 12, 9])
@@ -206,6 +251,7 @@ def test_np_hard_and_diou():
     assert kept.tolist() == [0, 1] and kept_scores.tolist() == _scores(0.5, 1e-6).tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_hard_order_is_numpys_argsort():
     scores = np.array([0.3, 0.7, 0.3, 0.7, 0.5] * 6, dtype=np.float32)
     boxes = torch.tensor([[i * 20, 0, i * 20 + 9, 9] for i in range(30)], dtype=torch.float32)
@@ -213,6 +259,7 @@ def test_np_hard_order_is_numpys_argsort():
     assert indices.tolist() == np.argsort(scores)[::-1].tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_batched_groups_in_group_order():
     boxes = _boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
     groups = torch.tensor([2, 0, 2])
@@ -221,6 +268,7 @@ def test_np_batched_groups_in_group_order():
     assert scores[:2].tolist() == _scores(0.5, 0.9).tolist()
 
 
+@BOTH_NP_KERNELS
 def test_np_rejects_unknown_method():
     with pytest.raises(ValueError):
         nms_np(_boxes([0, 0, 1, 1]), _scores(0.5), "softer")
@@ -243,6 +291,7 @@ def _clustered(rng, n):
 @pytest.mark.needs_tf
 @pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
     (0.25, 0.5, 0.001), (0.05, 0.5, 0.001), (0.0, 0.5, -math.inf), (0.0, 0.3, 0.05)])
+@BOTH_KERNELS
 def test_matches_tensorflow_non_max_suppression_v5(sigma, iou_threshold, score_threshold):
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(7)
@@ -271,11 +320,14 @@ def _tied_and_saturated(rng, n):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
     (0.25, 0.5, 0.001), (0.5, 0.5, 0.0), (0.0, 0.5, -math.inf), (0.0, 0.6, 0.3)])
+@BOTH_KERNELS
 def test_bit_identical_to_tensorflow_on_random_tied_and_saturated_inputs(
         seed, sigma, iou_threshold, score_threshold):
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(seed)
-    for make, n, max_output in ((_clustered, 5000, 100), (_tied_and_saturated, 2000, 300)):
+    # 20,000 boxes: more than the compiled kernel's first heap (it refills from its reserve).
+    for make, n, max_output in ((_clustered, 5000, 100), (_tied_and_saturated, 2000, 300),
+                                (_tied_and_saturated, 20000, 100)):
         boxes, scores = make(rng, n)
         expected_idx, expected_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
             boxes=boxes, scores=scores, max_output_size=max_output, iou_threshold=iou_threshold,
@@ -299,3 +351,120 @@ def test_expf_is_the_c_librarys():
     x = -np.random.default_rng(0).uniform(0, 2, 20000).astype(np.float32)
     expected = np.array([libm.expf(v) for v in x.tolist()], dtype=np.float32)
     assert _expf(x).tobytes() == expected.tobytes()
+
+
+# ------------------------------------------------------- numba kernel against its numpy twin
+
+
+def _run_v5(select, boxes, scores, groups, num_groups, max_output, *args, **options):
+    picks = np.zeros((num_groups, max_output), dtype=np.int64)
+    picked_scores = np.zeros((num_groups, max_output), dtype=np.float32)
+    valid = np.zeros(num_groups, dtype=np.int64)
+    select(boxes, scores, groups, num_groups, max_output,
+           *nms.v5_parameters(*args), picks, picked_scores, valid, **options)
+    return picks, picked_scores, valid
+
+
+def _hostile_boxes(rng, n):
+    """Tied/saturated clustered boxes plus exact duplicates, corner-swapped, NaN and
+    zero-area rows."""
+    boxes, scores = _tied_and_saturated(rng, n)
+    boxes[rng.integers(0, n, n // 20)] = boxes[rng.integers(0, n, n // 20)][:, [2, 3, 0, 1]]
+    boxes[rng.integers(0, n, n // 100), rng.integers(0, 4)] = np.nan
+    boxes[rng.integers(0, n, n // 100)] = 0
+    return boxes, scores
+
+
+@pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
+    (0.25, 0.5, 0.001), (0.05, 0.5, 0.0), (0.5, 0.3, 0.2), (0.0, 0.5, -math.inf), (0.0, 0.6, 0.3)])
+def test_compiled_kernel_is_bit_identical_to_numpy_reference(sigma, iou_threshold, score_threshold):
+    compiled = nms._select_groups_compiled()
+    assert compiled is not None
+    rng = np.random.default_rng(11)
+    for case in range(12):
+        n = int(rng.integers(1, 4000))
+        make = (_clustered, _tied_and_saturated, _hostile_boxes)[case % 3]
+        boxes, scores = make(rng, n)
+        num_groups = int(rng.integers(1, 6))
+        groups = rng.integers(0, num_groups, n).astype(np.int64)
+        max_output = int(rng.integers(1, 400))
+        args = (boxes, scores, groups, num_groups, max_output, iou_threshold, score_threshold,
+                sigma)
+        want = _run_v5(nms.select_groups_python, *args)
+        assert want[2].sum() > 0
+        # The default heap, and a small first chunk so that large groups refill from the reserve.
+        for first_chunk in (4096, int(rng.integers(1, 40))):
+            got = _run_v5(compiled, *args, first_chunk=first_chunk)
+            for expected, actual in zip(want, got):
+                assert actual.tobytes() == expected.tobytes(), f"case {case}, {first_chunk}"
+
+
+def test_compiled_decay_is_float32_with_c_expf():
+    """One selected box per group decays its neighbour: ``score * expf(scale * iou * iou)`` with
+    every step in float32 and C's expf (a float64 step or another exp changes some results)."""
+    import ctypes
+    import ctypes.util
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    rng = np.random.default_rng(3)
+    pairs = 3000
+    first = rng.uniform(0, 50, (pairs, 2)).astype(np.float32)
+    second = first + rng.uniform(-20, 20, (pairs, 2)).astype(np.float32)
+    size = rng.uniform(5, 40, (pairs, 2)).astype(np.float32)
+    boxes = np.stack([np.concatenate([first, first + size], 1),
+                      np.concatenate([second, second + size], 1)], 1).reshape(-1, 4)
+    scores = np.tile(np.array([0.99, 0.9], dtype=np.float32), pairs)
+    groups = np.repeat(np.arange(pairs), 2)
+    picks, picked_scores, valid = _run_v5(nms._select_groups_compiled(), boxes, scores, groups,
+                                          pairs, 2, 0.5, 0.0, 0.25)
+    lo, hi = boxes[1::2, :2], boxes[1::2, 2:]                # the decayed box, then the selected
+    lo_selected, hi_selected = boxes[::2, :2], boxes[::2, 2:]
+    extent = np.maximum(np.minimum(hi, hi_selected) - np.maximum(lo, lo_selected), np.float32(0))
+    intersection = extent[:, 0] * extent[:, 1]
+    area = (hi[:, 0] - lo[:, 0]) * (hi[:, 1] - lo[:, 1])
+    area_selected = (hi_selected[:, 0] - lo_selected[:, 0]) * (hi_selected[:, 1] - lo_selected[:, 1])
+    iou = intersection / (area + area_selected - intersection)
+    argument = np.float32(-2.0) * iou * iou
+    weight = np.array([libm.expf(v) for v in argument.tolist()], dtype=np.float32)
+    assert valid.tolist() == [2] * pairs and (iou > 0).sum() > pairs // 2
+    assert picked_scores[:, 1].tobytes() == (np.float32(0.9) * weight).tobytes()
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard", "diou"])
+def test_compiled_nms_np_is_bit_identical_to_vectorised(method, monkeypatch):
+    rng = np.random.default_rng(["gaussian", "linear", "hard", "diou"].index(method))
+    for case in range(6):
+        n = int(rng.integers(1, 700))
+        boxes, scores = (_clustered, _tied_and_saturated)[case % 2](rng, n)
+        boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]),
+                                np.maximum(boxes[:, :2], boxes[:, 2:])], 1)    # x1 <= x2
+        num_groups = int(rng.integers(1, 8))
+        args = (torch.from_numpy(boxes), torch.from_numpy(scores),
+                torch.from_numpy(rng.integers(0, num_groups, n)), num_groups, method,
+                float(rng.choice([0, 0.3, 0.6])), float(rng.choice([0, 0.1, 0.5])),
+                float(rng.choice([0, 0.01, 0.3])))
+        indices, kept_scores = batched_nms_np(*args)
+        with monkeypatch.context() as patch:
+            patch.setattr(nms, "_np_kernels_compiled", lambda: None)
+            want_indices, want_scores = batched_nms_np(*args)
+        assert indices.numel() > 0
+        assert indices.tolist() == want_indices.tolist(), f"case {case}"
+        assert kept_scores.numpy().tobytes() == want_scores.numpy().tobytes(), f"case {case}"
+
+
+def test_compiled_nms_np_batches_large_groups(monkeypatch):
+    # Groups whose [pick, row] matrices exceed one batch go in several kernel calls.
+    monkeypatch.setattr(nms, "_NP_PAIRS_PER_BATCH", 100_000)
+    monkeypatch.setattr(nms, "_NP_PICKS_PER_BLOCK", 100)
+    rng = np.random.default_rng(9)
+    boxes, scores = _tied_and_saturated(rng, 1600)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]),
+                            np.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    groups = torch.from_numpy(rng.integers(0, 4, 1600))
+    indices, kept_scores = batched_nms_np(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                          groups, 4)
+    monkeypatch.setattr(nms, "_np_kernels_compiled", lambda: None)
+    want_indices, want_scores = batched_nms_np(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                               groups, 4)
+    assert indices.tolist() == want_indices.tolist()
+    assert kept_scores.numpy().tobytes() == want_scores.numpy().tobytes()

@@ -123,6 +123,48 @@ def test_pre_nms_best_class_per_anchor_and_top_pairs():
     assert sorted(pre_nms(flat, deltas, ANCHORS, max_nms_inputs=2)[2].tolist()[0]) == [0, 1]
 
 
+def test_pre_nms_class_is_the_first_maximum_with_ties_nan_and_signed_zeros():
+    logits = torch.tensor([[[1.0, 3.0, 3.0, 2.0], [-0.0, 0.0, -1.0, 0.0],
+                            [1.0, math.nan, 5.0, math.nan], [30.0, 20.0, 30.0, 17.0]]])
+    _, scores, classes = pre_nms(logits, torch.zeros(1, 4, 4), torch.zeros(4, 4))
+    assert classes.tolist() == [[1, 0, 1, 0]] == logits.argmax(-1).tolist()
+    assert math.isnan(scores[0, 2]) and scores[0, 1] == 0.5 and scores[0, 3] == 1.0
+
+
+def _saturated_heads(rng, batch, anchors, classes):
+    logits = rng.normal(-3.0, 3.0, (batch, anchors, classes)).astype(np.float32)
+    saturated = rng.random(logits.shape) < 0.2
+    logits[saturated] = rng.uniform(17.0, 30.0, saturated.sum())
+    logits[rng.random(logits.shape) < 0.1] = 2.5                    # ties across classes
+    logits[rng.random(logits.shape) < 0.05] = -0.0
+    centres = rng.uniform(0, 200, (anchors, 2))
+    sizes = rng.uniform(10, 60, (anchors, 2))
+    anchor_boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1)
+    deltas = rng.normal(0.0, 0.3, (batch, anchors, 4))
+    return (torch.from_numpy(logits), torch.from_numpy(deltas.astype(np.float32)),
+            torch.from_numpy(anchor_boxes.astype(np.float32)))
+
+
+@pytest.mark.parametrize("method", ["gaussian", "hard"])
+def test_global_classes_of_the_selected_rows_are_pre_nms_classes(method):
+    """The global path takes each anchor's max logit and only the selected rows' classes; the
+    detections must be those of pre_nms's full argmax followed by the same NMS."""
+    from model.nms import batched_non_max_suppression_v5
+    logits, deltas, anchor_boxes = _saturated_heads(np.random.default_rng(5), 2, 800, 7)
+    nms = NmsConfig(method=method, max_output_size=300)
+    dets = postprocess_global(logits, deltas, anchor_boxes, (200, 200), None, nms)
+    boxes, scores, classes = pre_nms(logits, deltas, anchor_boxes)
+    picks, picked_scores, valid = batched_non_max_suppression_v5(
+        boxes.reshape(-1, 4), scores.reshape(-1), torch.arange(2).repeat_interleave(800), 2,
+        300, *nms.tf_nms_args())
+    real = torch.arange(300)[None, :] < valid[:, None]
+    rows = torch.where(real, picks - torch.tensor([[0], [800]]), torch.zeros_like(picks))
+    assert dets.valid.tolist() == valid.tolist() and bool((valid > 100).all())
+    assert dets.scores.numpy().tobytes() == picked_scores.numpy().tobytes()
+    assert (dets.classes == (torch.gather(classes, 1, rows) + 1).float()).all()
+    assert torch.gather(classes, 1, rows).unique().numel() > 3
+
+
 # ------------------------------------------------------------------------------ the paths
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model.postprocess import MAX_DETECTION_POINTS, NmsConfig, postprocess
+from model import tf_topk
 from model.tf_topk import tf_top_k_unsorted
 
 tf = pytest.importorskip("tensorflow")
@@ -23,8 +24,11 @@ IOU, SCORE_THRESHOLD, SIGMA = NMS.tf_nms_args()
 IMAGE_SIDE = 320
 
 
+@pytest.mark.parametrize("heap", ["compiled", "python"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_unsorted_top_k_is_tf_index_for_index(ties):
+def test_unsorted_top_k_is_tf_index_for_index(ties, heap, monkeypatch):
+    if heap == "python":
+        monkeypatch.setattr(tf_topk, "_bounded_heap_compiled", lambda: None)
     rng = np.random.default_rng(int(ties))
     for _ in range(60):
         n = int(rng.integers(2, 2000))
