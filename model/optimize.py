@@ -119,6 +119,11 @@ class FusedStem(nn.Module):
         return self.conv(x)
 
 
+def _is_one(batch: Any) -> bool:
+    """A batch of one, known while tracing too (a symbolic batch of a dynamic export is not)."""
+    return not isinstance(batch, torch.SymInt) and batch == 1
+
+
 class FusedMBConvBlock(nn.Module):
     """``MBConvBlock`` with BN, activations and the residual add inside its convs."""
 
@@ -137,7 +142,6 @@ class FusedMBConvBlock(nn.Module):
         self.se: Optional[SqueezeExcite] = block.se
         self.project = cast(FusedConv2d, build.conv(project, project_bn))
         self.residual = block.residual
-        self.fold_gate = build.onednn   # exported graphs keep the multiply (dynamic batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -148,7 +152,7 @@ class FusedMBConvBlock(nn.Module):
         if self.se is not None:
             se = self.se
             gate = torch.sigmoid(se.conv2d_1(se.act(se.conv2d(x.mean((2, 3), keepdim=True)))))
-            if self.fold_gate and x.shape[0] == 1:   # conv(x * g) == conv_{W * g}(x)
+            if _is_one(x.shape[0]):   # conv(x * g) == conv_{W * g}(x): no pass over x
                 weight = self.project.weight * gate.reshape(1, -1, 1, 1)
             else:
                 x = x * gate
