@@ -120,8 +120,9 @@ class FusedStem(nn.Module):
 
 
 def _is_one(batch: Any) -> bool:
-    """A batch of one, known while tracing too (a symbolic batch of a dynamic export is not)."""
-    return not isinstance(batch, torch.SymInt) and batch == 1
+    """A batch of one that stays one: not a symbolic batch (a dynamic export) and not a
+    ``torch.jit.trace`` (a traced graph is run at other batch sizes)."""
+    return not isinstance(batch, torch.SymInt) and not torch.jit.is_tracing() and batch == 1
 
 
 class FusedMBConvBlock(nn.Module):

@@ -113,6 +113,26 @@ def test_onnx_raw_dynamic_batch_runs_in_onnxruntime(tmp_path):
 
 
 @pytest.mark.slow
+def test_exports_of_a_squeeze_excite_model_run_at_other_batch_sizes(tmp_path):
+    """d0 has squeeze-excite blocks, whose gate optimize() folds into the projection weight for
+    a batch of one: a traced graph (example batch 1) and a dynamic-batch ONNX graph must not."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomize_bn(EfficientDet.from_config("efficientdet-d0", image_size=SIZE)).eval()
+    images = _images(2)
+    with torch.no_grad():
+        expected = flatten_outputs(*model(images))
+    traced = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.ts")))
+    _assert_close(traced(images), expected)
+    path = export_model(model, "onnx", tmp_path / "m.onnx", dynamic_batch=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (images[:1], images):
+        with torch.no_grad():
+            expected = flatten_outputs(*model(batch))
+        _assert_close(session.run(None, {"images": batch.numpy()}), expected)
+
+
+@pytest.mark.slow
 def test_onnx_hard_nms_in_graph_matches_pytorch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = export_model(_model(), "onnx", tmp_path / "m.onnx", outputs="nms")
