@@ -63,6 +63,28 @@ def test_optimized_outputs_equal_the_model(variant, image_size):
         assert _max_rel_error(actual, expected) < OUTPUT_RTOL
 
 
+@pytest.mark.parametrize("overrides", [
+    {"fpn_weight_method": "attn"}, {"fpn_weight_method": "channel_attn"},
+    {"fpn_weight_method": "channel_fastattn"}, {"fpn_weight_method": "sum"},
+    {"conv_bn_act_pattern": True}, {"separable_conv": False}, {"act_type": "relu"},
+], ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()))
+def test_optimized_outputs_equal_the_model_for_every_config_form(overrides):
+    """The config switches no shared golden exercises: every fusion method, conv-BN-act order,
+    plain 3x3 convs, another activation (random fusion weights, so the factors matter)."""
+    torch.manual_seed(0)
+    model = randomize_bn(EfficientDet.from_config("efficientdet-d0", image_size=(96, 128),
+                                                  **overrides)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "WSM" in name:
+                parameter.uniform_(-0.5, 2.0)
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    optimized = model.optimize()
+    for batch in (images[:1], images):
+        with torch.no_grad():
+            assert _max_rel_error(optimized(batch), model(batch)) < OUTPUT_RTOL
+
+
 def test_optimized_net_has_no_bn_and_static_padding():
     optimized = _model("efficientdet-lite0", NON_SQUARE).optimize()
     modules = list(optimized.modules())
