@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import heapq
 import math
 from collections.abc import Callable
@@ -48,6 +47,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from .jit_kernels import compiled
 
 # The pyfunc methods automl's nms_np.nms dispatches on ('' / None also mean hard).
 NP_METHODS = ("hard", "diou", "linear", "gaussian")
@@ -192,14 +193,9 @@ def v5_parameters(iou_threshold: float, score_threshold: float,
     return np.float32(iou_threshold), np.float32(score_threshold), soft, scale
 
 
-@functools.cache
 def _select_groups_compiled() -> Callable[..., None] | None:
     """:func:`model.nms_jit.select_groups` (numba), or None where numba cannot be imported."""
-    try:
-        from .nms_jit import select_groups
-    except ImportError:
-        return None
-    return select_groups
+    return compiled("nms_jit", "select_groups")
 
 
 def select_groups_python(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,
@@ -545,14 +541,9 @@ def _centres(boxes_xyxy: Tensor) -> Tensor:
     return (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
 
 
-@functools.cache
 def _np_kernels_compiled() -> Any:
     """:mod:`model.nms_np_jit` (numba), or None where numba cannot be imported."""
-    try:
-        from . import nms_np_jit
-    except ImportError:
-        return None
-    return nms_np_jit
+    return compiled("nms_np_jit")
 
 
 # Pair-matrix entries the compiled nms_np path builds at a time (a larger single group gets its

@@ -24,10 +24,11 @@ milliseconds instead of about 0.3 s).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import numpy as np
+
+from .jit_kernels import compiled
 
 # Columns screened per numpy comparison against the heap's current worst entry.
 _CHUNK = 1 << 16
@@ -52,15 +53,10 @@ def tf_top_k_unsorted(values: np.ndarray, k: int) -> np.ndarray:
     return _BoundedHeap(values, k).run()
 
 
-@functools.cache
 def _bounded_heap_compiled() -> Callable[[np.ndarray, int], np.ndarray] | None:
     """:func:`model.tf_topk_jit.bounded_heap_top_k` (numba), or None where numba cannot be
     imported (then :class:`_BoundedHeap` runs in Python)."""
-    try:
-        from .tf_topk_jit import bounded_heap_top_k
-    except ImportError:
-        return None
-    return bounded_heap_top_k
+    return compiled("tf_topk_jit", "bounded_heap_top_k")
 
 
 class _BoundedHeap:
