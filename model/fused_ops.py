@@ -25,10 +25,6 @@ ONEDNN_ACTIVATIONS: dict[type, tuple[str, list[float]]] = {
 }
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
-
-
 def pad_zeros(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
     """``F.pad(x, pad)`` (left, right, top, bottom; zeros) that writes every element once
     (``F.pad`` fills the whole output with zeros before copying ``x`` in), keeping the layout."""
@@ -53,8 +49,8 @@ class FusedConv2d(nn.Module):
     ``(top, bottom, left, right)``. Symmetric padding goes into the conv, asymmetric into one
     ``pad_zeros`` first. ``residual`` is added before the activation (MBConv blocks add it after
     BN with no activation, so they pass ``act=None``). ``act`` is used in place on the conv's
-    own output. ``forward(x, weight=...)`` replaces the
-    weight for one call (a squeeze-excite gate folded into the projection conv).
+    own output. ``forward(x, weight=...)`` replaces the weight for one call (a squeeze-excite
+    gate folded into the projection conv).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
@@ -77,7 +73,7 @@ class FusedConv2d(nn.Module):
         if act is not None and type(act) not in ONEDNN_ACTIVATIONS:
             raise ValueError(f"no fused kernel for activation {type(act).__name__}")
         self.onednn_act = ONEDNN_ACTIVATIONS[type(act)] if act is not None else ("none", [])
-        self.onednn = onednn and onednn_available()
+        self.onednn = onednn and torch.backends.mkldnn.is_available()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, input_hw: tuple[int, int], weight: torch.Tensor,
