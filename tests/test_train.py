@@ -25,29 +25,42 @@ COLOURS = {1: (220, 30, 30), 2: (30, 200, 30), 3: (30, 30, 220)}
 VARIANT = "efficientdet-lite0"
 
 
+def write_coco(folder: Path, pictures: list, categories: list[int]) -> Path:
+    """Saves each picture ``(pixels [H, W, 3] uint8, boxes [(class, x, y, w, h)])`` as
+    ``folder/images/<index>.png`` with its boxes painted in their class colours, and their COCO
+    annotation file; returns the file."""
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for index, (pixels, boxes) in enumerate(pictures):
+        for cls, x, y, box_w, box_h in boxes:
+            pixels[y:y + box_h, x:x + box_w] = COLOURS[cls]
+            annotations.append(dict(id=len(annotations) + 1, image_id=index + 1, category_id=cls,
+                                    bbox=[x, y, box_w, box_h], area=box_w * box_h, iscrowd=0))
+        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
+        height, width = pixels.shape[:2]
+        images.append(dict(id=index + 1, file_name=f"{index}.png", height=height, width=width))
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(dict(images=images, annotations=annotations,
+                                    categories=[dict(id=c, name=str(c)) for c in categories])))
+    return path
+
+
 def make_dataset(folder: Path, count: int, seed: int = 0, size_hw=(48, 64)) -> Path:
     """``count`` noisy grey images with one or two rectangles of a class colour; returns the
     COCO annotation file (images under ``folder/images``)."""
     rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True)
     height, width = size_hw
-    images, annotations = [], []
-    for index in range(count):
+    pictures = []
+    for _ in range(count):
         pixels = (110 + rng.integers(0, 20, (height, width, 3))).astype(np.uint8)
+        boxes = []
         for _ in range(rng.integers(1, 3)):
             cls = int(rng.integers(1, 4))
             box_h, box_w = rng.integers(height // 4, height // 2), rng.integers(width // 4, width // 2)
             y, x = rng.integers(0, height - box_h), rng.integers(0, width - box_w)
-            pixels[y:y + box_h, x:x + box_w] = COLOURS[cls]
-            annotations.append(dict(id=len(annotations) + 1, image_id=index + 1, category_id=cls,
-                                    bbox=[int(x), int(y), int(box_w), int(box_h)],
-                                    area=int(box_w * box_h), iscrowd=0))
-        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
-        images.append(dict(id=index + 1, file_name=f"{index}.png", height=height, width=width))
-    path = folder / "annotations.json"
-    path.write_text(json.dumps(dict(images=images, annotations=annotations,
-                                    categories=[dict(id=c, name=str(c)) for c in COLOURS])))
-    return path
+            boxes.append((cls, int(x), int(y), int(box_w), int(box_h)))
+        pictures.append((pixels, boxes))
+    return write_coco(folder, pictures, list(COLOURS))
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +116,13 @@ def make_block_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Pa
     """``count`` plain grey ``size`` x ``size`` images, each with one large solid rectangle of
     class 1 and 2 in turn: a set small enough to learn by heart. Returns the annotation file."""
     rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True)
-    images, annotations = [], []
+    pictures = []
     for index in range(count):
-        pixels = np.full((size, size, 3), 128, dtype=np.uint8)
-        cls = 1 + index % 2
         box_h, box_w = rng.integers(size // 3, 2 * size // 3, 2)
         y, x = rng.integers(0, size - box_h), rng.integers(0, size - box_w)
-        pixels[y:y + box_h, x:x + box_w] = COLOURS[cls]
-        annotations.append(dict(id=index + 1, image_id=index + 1, category_id=cls,
-                                bbox=[int(x), int(y), int(box_w), int(box_h)],
-                                area=int(box_w * box_h), iscrowd=0))
-        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
-        images.append(dict(id=index + 1, file_name=f"{index}.png", height=size, width=size))
-    path = folder / "annotations.json"
-    path.write_text(json.dumps(dict(images=images, annotations=annotations,
-                                    categories=[dict(id=c, name=str(c)) for c in (1, 2)])))
-    return path
+        pictures.append((np.full((size, size, 3), 128, dtype=np.uint8),
+                         [(1 + index % 2, int(x), int(y), int(box_w), int(box_h))]))
+    return write_coco(folder, pictures, [1, 2])
 
 
 @pytest.mark.slow
