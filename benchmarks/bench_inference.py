@@ -5,7 +5,8 @@ automl checkout and TensorFlow are present; plus pre- and post-processing.
 Batch 1 at each variant's native size, random weights unless --weights (the network's latency does
 not depend on them; post-processing's does). The
 paths are timed round-robin (one call of each per round) so that a shared machine's load hits
-them alike; each gets --warmup untimed calls first. Prints a table (median, spread = min..max of
+them alike; each gets --warmup untimed calls first. Post-processing is timed as ``predict()`` runs
+it: on the outputs of a PyTorch forward pass made just before (not timed). Prints a table (median, spread = min..max of
 the middle half, ratio to TF) and writes --json.
 
     python benchmarks/bench_inference.py --variants efficientdet-d0 --automl-dir ../automl \\
@@ -47,12 +48,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(run: Callable[[], object]) -> Callable[[], float]:
+    """``run`` as a path: returns the seconds one call takes."""
+    def call() -> float:
+        started = time.perf_counter()
+        run()
+        return time.perf_counter() - started
+    return call
+
+
 def torch_path(module: torch.nn.Module, images: torch.Tensor, device: str) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             module(images)
         _sync(device)
     return run
+
+
+def postprocess_path(model: EfficientDet, image_path: Path) -> Callable[[], float]:
+    """automl's global post-processing of the image's head outputs, fresh from a forward pass
+    (untimed) before each timed call."""
+    config = model.config
+    image = load_image(image_path)
+    batch, scales = preprocess_batch([image], config.image_size, config.mean_rgb,
+                                     config.stddev_rgb)
+    nms = NmsConfig.from_dict(config.nms_configs)
+    net = model.to("cpu", torch.float32)
+
+    def call() -> float:
+        with torch.inference_mode():
+            cls_logits, box_deltas = flatten_outputs(*net(batch))
+            started = time.perf_counter()
+            postprocess("global", cls_logits, box_deltas, model.anchors.boxes_yxyx,
+                        config.image_size, scales, nms)
+        return time.perf_counter() - started
+    return call
 
 
 def onnx_path(model: EfficientDet, images: torch.Tensor, threads: int, workdir: Path
@@ -107,48 +137,40 @@ def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
         EfficientDet.from_config(variant).eval()
     height, width = model.config.image_size
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    paths: dict[str, Callable[[], None]] = {}
+    paths: dict[str, Callable[[], float]] = {}
     notes: dict[str, float] = {}
     if "eager" in args.paths:
         net = model.to(device, dtype)
-        paths["eager"] = torch_path(net, images.to(device, dtype), device)
+        paths["eager"] = timed(torch_path(net, images.to(device, dtype), device))
     if "optimized" in args.paths:
         optimized = model.to(device, dtype).optimize()
-        paths["optimized"] = torch_path(optimized, images.to(device, dtype), device)
+        paths["optimized"] = timed(torch_path(optimized, images.to(device, dtype), device))
     if "compiled" in args.paths:
         compiled = model.to(device, dtype).optimize(compile=True)
         started = time.perf_counter()
         torch_path(compiled, images.to(device, dtype), device)()
         notes["compile_first_call_s"] = time.perf_counter() - started
-        paths["compiled"] = torch_path(compiled, images.to(device, dtype), device)
+        paths["compiled"] = timed(torch_path(compiled, images.to(device, dtype), device))
     cpu_fp32 = device == "cpu" and args.dtype == "fp32"
     if "onnx" in args.paths and cpu_fp32 and importlib.util.find_spec("onnxruntime"):
-        paths["onnxruntime"], notes["onnx_export_s"] = onnx_path(
+        onnx_run, notes["onnx_export_s"] = onnx_path(
             model.to("cpu", torch.float32), images, args.threads, workdir)
+        paths["onnxruntime"] = timed(onnx_run)
     if "tf" in args.paths and cpu_fp32 and args.automl_dir is not None:
-        paths["tf.function"] = tf_path(model, args.threads, args.automl_dir)
+        paths["tf.function"] = timed(tf_path(model, args.threads, args.automl_dir))
 
     image = load_image(args.image)
-    nms = NmsConfig.from_dict(model.config.nms_configs)
-    with torch.inference_mode():
-        batch, scales = preprocess_batch([image], model.config.image_size, model.config.mean_rgb,
-                                         model.config.stddev_rgb)
-        cls_logits, box_deltas = flatten_outputs(*model.to("cpu", torch.float32)(batch))
-    anchors = model.anchors.boxes_yxyx
-    paths["preprocess"] = lambda: preprocess_batch([image], model.config.image_size,
-                                                   model.config.mean_rgb, model.config.stddev_rgb)
-    paths["postprocess global"] = lambda: postprocess("global", cls_logits, box_deltas, anchors,
-                                                      model.config.image_size, scales, nms)
+    paths["preprocess"] = timed(lambda: preprocess_batch(
+        [image], model.config.image_size, model.config.mean_rgb, model.config.stddev_rgb))
+    paths["postprocess global"] = postprocess_path(model, args.image)
 
-    for run in paths.values():
+    for call in paths.values():
         for _ in range(args.warmup):
-            run()
+            call()
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.runs):
-        for name, run in paths.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+        for name, call in paths.items():
+            times[name].append(call())
     results = {name: summarize(values) for name, values in times.items()}
     reference = results.get("tf.function")
     for stats in results.values():

@@ -41,13 +41,13 @@ import ctypes
 import ctypes.util
 import heapq
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .box_coder import decode_boxes
 from .jit_kernels import compiled
 
 # The pyfunc methods automl's nms_np.nms dispatches on ('' / None also mean hard).
@@ -128,10 +128,27 @@ def _group_argbest(key: Tensor, valid: Tensor, groups: Tensor, num_groups: int,
     return pick.scatter_reduce(0, groups, chosen_rows, "amin")
 
 
+class EncodedBoxes(NamedTuple):
+    """Boxes still as box-head regressions: ``deltas [N, 4]`` (``ty, tx, th, tw``) on
+    ``anchors [A, 4]`` (``yxyx``), row ``i`` on anchor ``i % A``.
+
+    :func:`batched_non_max_suppression_v5` decodes only the rows its compiled loop pops, with the
+    values :func:`model.box_coder.decode_boxes` gives (d0's global path: a few hundred of 49,104).
+    """
+
+    deltas: Tensor
+    anchors: Tensor
+
+    def decode(self) -> Tensor:
+        """Every box, ``[N, 4]``."""
+        deltas = self.deltas.reshape(-1, self.anchors.shape[0], 4)
+        return decode_boxes(deltas, self.anchors).reshape(-1, 4)
+
+
 # Port of TensorFlow NonMaxSuppressionV5 (CPU kernel) as called by automl
 # efficientdet/tf2/postprocess.py::nms @ 6a54c87
 def batched_non_max_suppression_v5(
-    boxes: Tensor,
+    boxes: Tensor | EncodedBoxes,
     scores: Tensor,
     groups: Tensor,
     num_groups: int,
@@ -143,7 +160,8 @@ def batched_non_max_suppression_v5(
     """``NonMaxSuppressionV5`` run independently on every group of boxes.
 
     Args:
-        boxes: ``[N, 4]`` float32 boxes (two opposite corners, e.g. ``yxyx``).
+        boxes: ``[N, 4]`` float32 boxes (two opposite corners, e.g. ``yxyx``), or
+            :class:`EncodedBoxes` for the compiled loop to decode where it needs them.
         scores: ``[N]`` float32 scores.
         groups: ``[N]`` int64 group id in ``[0, num_groups)`` (class and/or image).
         num_groups: number of groups ``G``.
@@ -161,12 +179,16 @@ def batched_non_max_suppression_v5(
         unless cached: ~2 s, ~0.25 s from numba's on-disk cache); the results are on the inputs'
         device.
     """
-    _check_inputs(boxes, scores, groups)
+    kernels = _nms_kernels()
+    if isinstance(boxes, EncodedBoxes):
+        _check_encoded(boxes)
+        if kernels is None:
+            boxes = boxes.decode()
+    _check_inputs(boxes.deltas if isinstance(boxes, EncodedBoxes) else boxes, scores, groups)
     if max_output_size < 0:
         raise ValueError(f"max_output_size must be >= 0, got {max_output_size}")
-    boxes_np = np.ascontiguousarray(boxes.detach().cpu().float().numpy())
-    scores_np = np.ascontiguousarray(scores.detach().cpu().float().numpy())
-    groups_np = np.ascontiguousarray(groups.detach().cpu().long().numpy())
+    scores_np = _host(scores, np.float32)
+    groups_np = _host(groups, np.int64)
     if groups_np.size and (groups_np.min() < 0 or groups_np.max() >= num_groups):
         raise ValueError(f"groups must lie in [0, {num_groups}), got "
                          f"[{groups_np.min()}, {groups_np.max()}]")
@@ -174,10 +196,18 @@ def batched_non_max_suppression_v5(
     picked_scores = np.zeros((num_groups, max_output_size), dtype=np.float32)
     valid = np.zeros(num_groups, dtype=np.int64)
     if max_output_size:
-        select = _select_groups_compiled() or select_groups_python
-        select(boxes_np, scores_np, groups_np, num_groups, max_output_size,
-               *v5_parameters(iou_threshold, score_threshold, soft_nms_sigma),
-               picks, picked_scores, valid)
+        arguments = (scores_np, groups_np, num_groups, max_output_size,
+                     *v5_parameters(iou_threshold, score_threshold, soft_nms_sigma),
+                     picks, picked_scores, valid)
+        if isinstance(boxes, EncodedBoxes):
+            deltas = boxes.deltas.detach().cpu().float()
+            exp_h, exp_w = torch.exp(deltas[:, 2]), torch.exp(deltas[:, 3])  # as decode_boxes
+            kernels.select_groups_encoded(_host(deltas, np.float32), exp_h.numpy(),
+                                          exp_w.numpy(), _host(boxes.anchors, np.float32),
+                                          *arguments)
+        else:
+            select = kernels.select_groups if kernels else select_groups_python
+            select(_host(boxes, np.float32), *arguments)
     device = scores.device
     return (torch.from_numpy(picks).to(device),
             torch.from_numpy(picked_scores).to(device=device, dtype=scores.dtype),
@@ -193,9 +223,22 @@ def v5_parameters(iou_threshold: float, score_threshold: float,
     return np.float32(iou_threshold), np.float32(score_threshold), soft, scale
 
 
-def _select_groups_compiled() -> Callable[..., None] | None:
-    """:func:`model.nms_jit.select_groups` (numba), or None where numba cannot be imported."""
-    return compiled("nms_jit", "select_groups")
+def _nms_kernels() -> Any:
+    """:mod:`model.nms_jit` (numba), or None where numba cannot be imported."""
+    return compiled("nms_jit")
+
+
+def _host(tensor: Tensor, dtype: type) -> np.ndarray:
+    """A C-contiguous numpy array of ``tensor`` in ``dtype`` on the host."""
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+
+
+def _check_encoded(boxes: EncodedBoxes) -> None:
+    if boxes.anchors.ndim != 2 or boxes.anchors.shape[1] != 4 or not boxes.anchors.shape[0]:
+        raise ValueError(f"anchors must be [A, 4], got {tuple(boxes.anchors.shape)}")
+    if boxes.deltas.ndim != 2 or boxes.deltas.shape[0] % boxes.anchors.shape[0]:
+        raise ValueError(f"deltas must be [k * {boxes.anchors.shape[0]}, 4], "
+                         f"got {tuple(boxes.deltas.shape)}")
 
 
 def select_groups_python(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray,

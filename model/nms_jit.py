@@ -19,6 +19,8 @@ import llvmlite.binding  # type: ignore[import-untyped]
 import numpy as np
 from numba import njit, types
 
+from .box_coder_jit import decode_row
+
 # Resolve ``expf`` from the C math library, as TF's kernel does (std::exp<float>).
 llvmlite.binding.load_library_permanently(ctypes.util.find_library("m") or "libm.so.6")
 _expf = types.ExternalFunction("expf", types.float32(types.float32))
@@ -115,8 +117,20 @@ def _load_reserve(reserve_scores: np.ndarray, reserve_rows: np.ndarray, reserve_
     return size, kept, cut_key
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _box(boxes: np.ndarray, deltas: np.ndarray, exp_h: np.ndarray, exp_w: np.ndarray,
+         anchors: np.ndarray, row: int) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+    """Box ``row``: read from ``boxes``, or decoded from its regression when ``anchors`` is
+    non-empty (:func:`select_groups_encoded`)."""
+    if anchors.shape[0] == 0:
+        return boxes[row, 0], boxes[row, 1], boxes[row, 2], boxes[row, 3]
+    return decode_row(deltas, exp_h, exp_w, anchors, row, row % anchors.shape[0])
+
+
 @njit(cache=True, error_model="numpy")
-def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, max_output_size: int,
+def _select_group(boxes: np.ndarray, deltas: np.ndarray, exp_h: np.ndarray, exp_w: np.ndarray,
+                  anchors: np.ndarray, scores: np.ndarray, members: np.ndarray,
+                  max_output_size: int,
                   iou_threshold: np.float32, score_threshold: np.float32, soft: bool,
                   scale: np.float32, first_chunk: int, picks: np.ndarray,
                   picked_scores: np.ndarray) -> int:
@@ -173,10 +187,9 @@ def _select_group(boxes: np.ndarray, scores: np.ndarray, members: np.ndarray, ma
             queue_scores[0], queue_rows[0], queue_since[0] = (
                 queue_scores[size], queue_rows[size], queue_since[size])
             _sift_down(queue_scores, queue_rows, queue_since, 0, size)
-        y_lo = _minimum(boxes[row, 0], boxes[row, 2])
-        x_lo = _minimum(boxes[row, 1], boxes[row, 3])
-        y_hi = _maximum(boxes[row, 0], boxes[row, 2])
-        x_hi = _maximum(boxes[row, 1], boxes[row, 3])
+        y_a, x_a, y_b, x_b = _box(boxes, deltas, exp_h, exp_w, anchors, row)
+        y_lo, x_lo = _minimum(y_a, y_b), _minimum(x_a, x_b)
+        y_hi, x_hi = _maximum(y_a, y_b), _maximum(x_a, x_b)
         row_area = (y_hi - y_lo) * (x_hi - x_lo)
         for j in range(since, selected):
             height = _maximum(_minimum(y_hi, selected_y_hi[j])
@@ -222,6 +235,34 @@ def select_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num
     Candidates are the rows with a score ``> score_threshold``. A group of more than
     ``2 * first_chunk`` candidates (d0's global path: 49,104) heaps about ``first_chunk`` at a
     time (the queue's order, so the result, is the same for any value)."""
+    no_anchors, no_exps = np.empty((0, 4), dtype=np.float32), np.empty(0, dtype=np.float32)
+    _select_groups(boxes, no_anchors, no_exps, no_exps, no_anchors, scores, groups, num_groups,
+                   max_output_size, iou_threshold, score_threshold, soft, scale, picks,
+                   picked_scores, valid, first_chunk)
+
+
+@njit(cache=True, error_model="numpy")
+def select_groups_encoded(deltas: np.ndarray, exp_h: np.ndarray, exp_w: np.ndarray,
+                          anchors: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                          num_groups: int, max_output_size: int, iou_threshold: np.float32,
+                          score_threshold: np.float32, soft: bool, scale: np.float32,
+                          picks: np.ndarray, picked_scores: np.ndarray, valid: np.ndarray,
+                          first_chunk: int = 4096) -> None:
+    """:func:`select_groups` on the boxes that ``deltas [N, 4]`` encode on ``anchors [A, 4]``
+    (row ``i`` on anchor ``i % A``; ``exp_h`` / ``exp_w`` ``[N]``: ``exp`` of ``th`` / ``tw``),
+    decoding only the rows the loop pops, with :func:`model.box_coder_jit.decode_row`'s float32
+    arithmetic (so the result equals decoding every box first)."""
+    _select_groups(np.empty((0, 4), dtype=np.float32), deltas, exp_h, exp_w, anchors, scores,
+                   groups, num_groups, max_output_size, iou_threshold, score_threshold, soft,
+                   scale, picks, picked_scores, valid, first_chunk)
+
+
+@njit(cache=True, error_model="numpy")
+def _select_groups(boxes: np.ndarray, deltas: np.ndarray, exp_h: np.ndarray, exp_w: np.ndarray,
+                   anchors: np.ndarray, scores: np.ndarray, groups: np.ndarray, num_groups: int,
+                   max_output_size: int, iou_threshold: np.float32, score_threshold: np.float32,
+                   soft: bool, scale: np.float32, picks: np.ndarray, picked_scores: np.ndarray,
+                   valid: np.ndarray, first_chunk: int) -> None:
     if num_groups == 1:                                  # d0's global path: one pass
         members = np.flatnonzero(scores > score_threshold)
         counts = np.array([0, members.size])
@@ -241,6 +282,6 @@ def select_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num
     for group in range(num_groups):
         if counts[group + 1] > counts[group]:
             valid[group] = _select_group(
-                boxes, scores, members[counts[group]:counts[group + 1]], max_output_size,
-                iou_threshold, score_threshold, soft, scale, first_chunk, picks[group],
-                picked_scores[group])
+                boxes, deltas, exp_h, exp_w, anchors, scores,
+                members[counts[group]:counts[group + 1]], max_output_size, iou_threshold,
+                score_threshold, soft, scale, first_chunk, picks[group], picked_scores[group])

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .box_coder import decode_boxes
-from .nms import NP_METHODS, batched_nms_np, batched_non_max_suppression_v5, numpy_argsort
+from .box_coder import decode_boxes_host
+from .nms import (NP_METHODS, EncodedBoxes, batched_nms_np, batched_non_max_suppression_v5,
+                  numpy_argsort)
 from .tf_topk import tf_top_k_unsorted
 
 # automl tf2/postprocess.py: output classes are 1-based COCO ids.
@@ -199,23 +200,12 @@ def pre_nms(
         classes = flat_index % num_classes
         logits = torch.gather(cls_logits.reshape(batch, -1), 1, flat_index)
         deltas = torch.gather(box_deltas, 1, anchor_index[..., None].expand(-1, -1, 4))
-        boxes = decode_boxes(deltas, anchors[anchor_index])
+        boxes = decode_boxes_host(deltas, anchors[anchor_index])
     else:
         # torch.max's indices and tf.math.argmax are both the first maximum.
         logits, classes = cls_logits.max(dim=-1)
-        boxes = decode_boxes(box_deltas, anchors)
+        boxes = decode_boxes_host(box_deltas, anchors)
     return boxes, torch.sigmoid(logits), classes
-
-
-def _best_class_candidates(cls_logits: Tensor, box_deltas: Tensor,
-                           anchors_yxyx: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`pre_nms` with ``max_nms_inputs == 0`` without the classes (the global path needs
-    only the selected rows' classes, :func:`_first_max_class`): ``(boxes_yxyx, scores)``, the same
-    values (a row's maximum logit is its first maximum's; ``sigmoid(-0.0) == sigmoid(0.0)``)."""
-    _check_heads(cls_logits, box_deltas, anchors_yxyx)
-    cls_logits = cls_logits.float()
-    anchors = anchors_yxyx.to(device=cls_logits.device, dtype=torch.float32)
-    return decode_boxes(box_deltas.float(), anchors), torch.sigmoid(cls_logits.amax(dim=-1))
 
 
 def _first_max_class(cls_logits: Tensor, anchor_index: Tensor) -> Tensor:
@@ -242,26 +232,37 @@ def postprocess_global(
     """
     if nms.max_nms_inputs > 0:
         boxes, scores, classes = pre_nms(cls_logits, box_deltas, anchors_yxyx, nms.max_nms_inputs)
+        candidates: Tensor | EncodedBoxes = boxes.reshape(-1, 4)
     else:
-        boxes, scores = _best_class_candidates(cls_logits, box_deltas, anchors_yxyx)
+        # Each anchor's best logit (the class only for the selected rows: _first_max_class); the
+        # NMS decodes only the boxes it looks at.
+        _check_heads(cls_logits, box_deltas, anchors_yxyx)
+        scores = torch.sigmoid(cls_logits.float().amax(dim=-1))
+        anchors = anchors_yxyx.to(device=box_deltas.device, dtype=torch.float32)
+        candidates = EncodedBoxes(box_deltas.float().reshape(-1, 4), anchors)
     batch, num = scores.shape
     iou_threshold, score_threshold, sigma = nms.tf_nms_args()
-    groups = torch.arange(batch, device=scores.device).repeat_interleave(num)
+    groups = torch.arange(batch, device=scores.device)[:, None].expand(batch, num).reshape(-1)
     picks, nms_scores, valid = batched_non_max_suppression_v5(
-        boxes.reshape(-1, 4), scores.reshape(-1), groups, batch, nms.max_output_size,
+        candidates, scores.reshape(-1), groups, batch, nms.max_output_size,
         iou_threshold, score_threshold, sigma)
     # Flat candidate index -> index within the image; padding rows point at candidate 0 as in TF.
     real = torch.arange(nms.max_output_size, device=valid.device)[None, :] < valid[:, None]
     offset = torch.arange(batch, device=picks.device)[:, None] * num
     picks = torch.where(real, picks - offset, torch.zeros_like(picks))
-    nms_boxes = torch.gather(boxes, 1, picks[..., None].expand(-1, -1, 4))
-    picked_classes = (torch.gather(classes, 1, picks) if nms.max_nms_inputs > 0
-                      else _first_max_class(cls_logits, picks))
+    if nms.max_nms_inputs > 0:
+        nms_boxes = torch.gather(boxes, 1, picks[..., None].expand(-1, -1, 4))
+        picked_classes = torch.gather(classes, 1, picks)
+    else:
+        deltas = torch.gather(box_deltas.float(), 1, picks[..., None].expand(-1, -1, 4))
+        nms_boxes = decode_boxes_host(deltas, anchors[picks])
+        picked_classes = _first_max_class(cls_logits, picks)
     nms_classes = (picked_classes + CLASS_OFFSET).float()
     height, width = image_hw
-    upper = torch.tensor([height, width, height, width], dtype=torch.float32, device=boxes.device)
+    upper = torch.tensor([height, width, height, width], dtype=torch.float32,
+                         device=nms_boxes.device)
     nms_boxes = torch.minimum(nms_boxes, upper).clamp(min=0.0)                # tf.clip_by_value
-    nms_boxes = nms_boxes * _scales_tensor(image_scales, batch, boxes)[:, None, None]
+    nms_boxes = nms_boxes * _scales_tensor(image_scales, batch, nms_boxes)[:, None, None]
     return Detections(nms_boxes, nms_scores, nms_classes, valid)
 
 

@@ -26,9 +26,9 @@ MEASURED_FACTORS = [0.9231, 0.8353, 0.7261, 0.6065, 0.4868, 0.3753, 0.2780, 0.19
 def v5_kernel(request, monkeypatch):
     """Run a V5 test through the numba kernel (the default) and through its numpy reference."""
     if request.param == "numpy":
-        monkeypatch.setattr(nms, "_select_groups_compiled", lambda: None)
+        monkeypatch.setattr(nms, "_nms_kernels", lambda: None)
     else:
-        assert nms._select_groups_compiled() is not None, "numba kernel did not load"
+        assert nms._nms_kernels() is not None, "numba kernel did not load"
     return request.param
 
 
@@ -378,7 +378,7 @@ def _hostile_boxes(rng, n):
 @pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
     (0.25, 0.5, 0.001), (0.05, 0.5, 0.0), (0.5, 0.3, 0.2), (0.0, 0.5, -math.inf), (0.0, 0.6, 0.3)])
 def test_compiled_kernel_is_bit_identical_to_numpy_reference(sigma, iou_threshold, score_threshold):
-    compiled = nms._select_groups_compiled()
+    compiled = nms._nms_kernels().select_groups
     assert compiled is not None
     rng = np.random.default_rng(11)
     for case in range(12):
@@ -415,7 +415,7 @@ def test_compiled_decay_is_float32_with_c_expf():
                       np.concatenate([second, second + size], 1)], 1).reshape(-1, 4)
     scores = np.tile(np.array([0.99, 0.9], dtype=np.float32), pairs)
     groups = np.repeat(np.arange(pairs), 2)
-    picks, picked_scores, valid = _run_v5(nms._select_groups_compiled(), boxes, scores, groups,
+    picks, picked_scores, valid = _run_v5(nms._nms_kernels().select_groups, boxes, scores, groups,
                                           pairs, 2, 0.5, 0.0, 0.25)
     lo, hi = boxes[1::2, :2], boxes[1::2, 2:]                # the decayed box, then the selected
     lo_selected, hi_selected = boxes[::2, :2], boxes[::2, 2:]
@@ -468,3 +468,41 @@ def test_compiled_nms_np_batches_large_groups(monkeypatch):
                                                groups, 4)
     assert indices.tolist() == want_indices.tolist()
     assert kept_scores.numpy().tobytes() == want_scores.numpy().tobytes()
+
+
+@pytest.mark.parametrize("sigma, iou_threshold, score_threshold", [
+    (0.25, 0.5, 0.001), (0.0, 0.5, -math.inf), (0.0, 0.6, 0.3)])
+@BOTH_KERNELS
+def test_encoded_boxes_select_what_their_decoded_boxes_select(sigma, iou_threshold,
+                                                               score_threshold):
+    """The global path's lazy decoding (only popped rows) gives the result of decoding every box
+    first, bit for bit: several images over shared anchors, with clustered, overflowing and NaN
+    regressions and tied scores."""
+    generator = torch.Generator().manual_seed(9)
+    num_anchors, images = 3000, 3
+    corner = torch.rand(num_anchors, 2, generator=generator) * 400
+    anchors = torch.cat([corner, corner + 16 + torch.rand(num_anchors, 2, generator=generator)
+                         * 64], 1)
+    deltas = torch.randn(images * num_anchors, 4, generator=generator) * 0.4
+    deltas[::89] = torch.tensor([0.1, 0.1, 95.0, -110.0])
+    deltas[5::173, 2] = math.nan
+    scores = torch.rand(images * num_anchors, generator=generator)
+    scores[::7] = 0.75
+    groups = torch.arange(images).repeat_interleave(num_anchors)
+    encoded = nms.EncodedBoxes(deltas, anchors)
+    args = (scores, groups, images, 100, iou_threshold, score_threshold, sigma)
+    got = batched_non_max_suppression_v5(encoded, *args)
+    want = batched_non_max_suppression_v5(encoded.decode(), *args)
+    assert got[2].min() > 0
+    for actual, expected in zip(got, want):
+        assert actual.numpy().tobytes() == expected.numpy().tobytes()
+
+
+def test_encoded_boxes_reject_mismatched_shapes():
+    scores, groups = torch.zeros(10), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="anchors must be"):
+        batched_non_max_suppression_v5(nms.EncodedBoxes(torch.zeros(10, 4), torch.zeros(5, 3)),
+                                       scores, groups, 1, 5)
+    with pytest.raises(ValueError, match="deltas must be"):
+        batched_non_max_suppression_v5(nms.EncodedBoxes(torch.zeros(10, 4), torch.zeros(3, 4)),
+                                       scores, groups, 1, 5)

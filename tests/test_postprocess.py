@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.box_coder import decode_boxes
+from model import box_coder
+from model.box_coder import decode_boxes, decode_boxes_host
 from model.postprocess import (DUMMY_DETECTION_SCORE, Detections, NmsConfig, postprocess,
                                postprocess_global, postprocess_per_class, postprocess_pyfunc,
                                pre_nms, to_coco_rows)
@@ -104,6 +105,44 @@ def test_decode_boxes_broadcasts_over_batch():
     deltas = torch.randn(2, 3, 4)
     boxes = decode_boxes(deltas, ANCHORS)
     torch.testing.assert_close(boxes[1], decode_boxes(deltas[1], ANCHORS), rtol=0, atol=0)
+
+
+def _regressions(generator, *shape):
+    """Random ``(ty, tx, th, tw)`` with overflowing, infinite and NaN rows."""
+    deltas = torch.randn(*shape, 4, generator=generator) * 3
+    flat = deltas.view(-1, 4)
+    flat[::97] = torch.tensor([0.5, -0.5, 90.0, -104.0])           # exp overflows / underflows
+    flat[1::101] = torch.tensor([math.inf, -math.inf, math.nan, 1.0])
+    return deltas
+
+
+def _random_anchors(generator, count):
+    corner = torch.rand(count, 2, generator=generator) * 600
+    return torch.cat([corner, corner + torch.rand(count, 2, generator=generator) * 300 + 1], 1)
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_host_decoding_is_decode_boxes_bit_for_bit():
+    generator = torch.Generator().manual_seed(5)
+    anchors = _random_anchors(generator, 1000)
+    deltas = _regressions(generator, 3, 1000)
+    assert _same_bits(decode_boxes_host(deltas, anchors), decode_boxes(deltas, anchors))
+    gathered = anchors[torch.randint(0, 1000, (3, 40), generator=generator)]
+    assert _same_bits(decode_boxes_host(deltas[:, :40], gathered),
+                      decode_boxes(deltas[:, :40], gathered))
+    assert box_coder.compiled("box_coder_jit", "decode_rows") is not None
+
+
+def test_host_decoding_comparison_sees_one_rounding():
+    """Break on purpose: the same formula in float64, rounded once at the end, differs from
+    float32's step-by-step rounding in some bits, so the comparison above can fail."""
+    generator = torch.Generator().manual_seed(5)
+    anchors, deltas = _random_anchors(generator, 1000), _regressions(generator, 1, 1000)
+    wide = decode_boxes(deltas.double(), anchors.double()).float()
+    assert not _same_bits(decode_boxes_host(deltas, anchors), wide)
 
 
 # -------------------------------------------------------------------------------- pre-NMS
