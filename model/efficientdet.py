@@ -341,7 +341,10 @@ def flatten_outputs(class_outputs: list[torch.Tensor], box_outputs: list[torch.T
     """Per-level NCHW head outputs -> ``[N, A_total, num_classes]`` and ``[N, A_total, 4]``
     in TF's order (level, y, x, anchor), matching ``Anchors``."""
     batch = class_outputs[0].shape[0]
-    cls = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1, c.shape[1]) for c in class_outputs], 1)
-    box = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, b.shape[1]) for b in box_outputs], 1)
-    num_anchors = box.shape[-1] // 4
-    return cls.reshape(batch, -1, cls.shape[-1] // num_anchors), box.reshape(batch, -1, 4)
+    num_anchors = box_outputs[0].shape[1] // 4
+
+    def flatten(outputs: list[torch.Tensor], width: int) -> torch.Tensor:
+        # Each level to [N, H * W * anchors, width] before the one concatenation: an exported
+        # graph then returns the concatenation itself instead of a copy of it.
+        return torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1, width) for o in outputs], 1)
+    return flatten(class_outputs, class_outputs[0].shape[1] // num_anchors), flatten(box_outputs, 4)
