@@ -3,9 +3,10 @@
 automl checkout and TensorFlow are present; plus pre- and post-processing.
 
 Batch 1 at each variant's native size, random weights unless --weights (the network's latency does
-not depend on them; post-processing's does). The
-paths are timed round-robin (one call of each per round) so that a shared machine's load hits
-them alike; each gets --warmup untimed calls first. Post-processing is timed as ``predict()`` runs
+not depend on them; post-processing's does). Each network path runs in its own process, as users
+run them (runtimes in one process slow each other: onnxruntime took 8% longer on d4 once
+TensorFlow was loaded beside it). The paths are timed round-robin (one call of each per round) so
+that a shared machine's load hits them alike; each gets --warmup untimed calls first. Post-processing is timed as ``predict()`` runs
 it: on the outputs of a PyTorch forward pass made just before (not timed). Prints a table (median, spread = min..max of
 the middle half, ratio to TF) and writes --json.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -131,34 +133,89 @@ def summarize(seconds: list[float]) -> dict[str, float]:
             "high_ms": middle[-1] * 1e3, "runs": len(ordered)}
 
 
-def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
-    device, dtype = args.device, DTYPES[args.dtype]
-    model = EfficientDet.from_pretrained(args.weights) if args.weights else \
+NETWORK_PATHS = {"eager": "eager", "optimized": "optimized", "compiled": "compiled",
+                 "onnx": "onnxruntime", "tf": "tf.function"}
+
+
+def load_model(variant: str, args: argparse.Namespace) -> EfficientDet:
+    return EfficientDet.from_pretrained(args.weights) if args.weights else \
         EfficientDet.from_config(variant).eval()
+
+
+def network_path(path: str, variant: str, args: argparse.Namespace, workdir: Path
+                 ) -> tuple[Callable[[], float], dict[str, float]]:
+    """The timed call of one network path (``--paths`` name) and its one-off figures."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    model = load_model(variant, args)
     height, width = model.config.image_size
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    paths: dict[str, Callable[[], float]] = {}
     notes: dict[str, float] = {}
-    if "eager" in args.paths:
-        net = model.to(device, dtype)
-        paths["eager"] = timed(torch_path(net, images.to(device, dtype), device))
-    if "optimized" in args.paths:
-        optimized = model.to(device, dtype).optimize()
-        paths["optimized"] = timed(torch_path(optimized, images.to(device, dtype), device))
-    if "compiled" in args.paths:
-        compiled = model.to(device, dtype).optimize(compile=True)
+    if path == "onnx":
+        run, notes["onnx_export_s"] = onnx_path(model, images, args.threads, workdir)
+        return timed(run), notes
+    if path == "tf":
+        return timed(tf_path(model, args.threads, args.automl_dir)), notes
+    net = model.to(device, dtype)
+    module = {"eager": lambda: net, "optimized": net.optimize,
+              "compiled": lambda: net.optimize(compile=True)}[path]()
+    run = torch_path(module, images.to(device, dtype), device)
+    if path == "compiled":
         started = time.perf_counter()
-        torch_path(compiled, images.to(device, dtype), device)()
+        run()
         notes["compile_first_call_s"] = time.perf_counter() - started
-        paths["compiled"] = timed(torch_path(compiled, images.to(device, dtype), device))
-    cpu_fp32 = device == "cpu" and args.dtype == "fp32"
-    if "onnx" in args.paths and cpu_fp32 and importlib.util.find_spec("onnxruntime"):
-        onnx_run, notes["onnx_export_s"] = onnx_path(
-            model.to("cpu", torch.float32), images, args.threads, workdir)
-        paths["onnxruntime"] = timed(onnx_run)
-    if "tf" in args.paths and cpu_fp32 and args.automl_dir is not None:
-        paths["tf.function"] = timed(tf_path(model, args.threads, args.automl_dir))
+    return timed(run), notes
 
+
+def serve_path(path: str, variant: str, args: argparse.Namespace, workdir: Path,
+               connection: Any) -> None:
+    """Worker process: build one network path, then time one call per "run" message."""
+    torch.set_num_threads(args.threads)
+    try:
+        call, notes = network_path(path, variant, args, workdir)
+    except Exception as error:  # reported by the parent, which stops the benchmark
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+        return
+    connection.send(("ready", notes))
+    while connection.recv() == "run":
+        connection.send(call())
+
+
+class PathProcess:
+    """A network path in its own (spawned) process."""
+
+    def __init__(self, path: str, variant: str, args: argparse.Namespace, workdir: Path):
+        context = multiprocessing.get_context("spawn")
+        self.connection, remote = context.Pipe()
+        self.process = context.Process(target=serve_path, daemon=True,
+                                       args=(path, variant, args, workdir, remote))
+        self.process.start()
+        status, self.notes = self.connection.recv()
+        if status == "error":
+            raise SystemExit(f"error: {path}: {self.notes}")
+
+    def __call__(self) -> float:
+        self.connection.send("run")
+        return float(self.connection.recv())
+
+    def close(self) -> None:
+        self.connection.send("stop")
+        self.process.join()
+
+
+def wanted_paths(args: argparse.Namespace) -> list[str]:
+    """``--paths`` less those this machine or precision cannot run."""
+    cpu_fp32 = args.device == "cpu" and args.dtype == "fp32"
+    available = {"onnx": cpu_fp32 and importlib.util.find_spec("onnxruntime") is not None,
+                 "tf": cpu_fp32 and args.automl_dir is not None}
+    return [path for path in args.paths if available.get(path, True)]
+
+
+def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
+    model = load_model(variant, args)
+    height, width = model.config.image_size
+    workers = {NETWORK_PATHS[path]: PathProcess(path, variant, args, workdir)
+               for path in wanted_paths(args)}
+    paths: dict[str, Callable[[], float]] = dict(workers)
     image = load_image(args.image)
     paths["preprocess"] = timed(lambda: preprocess_batch(
         [image], model.config.image_size, model.config.mean_rgb, model.config.stddev_rgb))
@@ -171,6 +228,9 @@ def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
     for _ in range(args.runs):
         for name, call in paths.items():
             times[name].append(call())
+    notes = {key: value for worker in workers.values() for key, value in worker.notes.items()}
+    for worker in workers.values():
+        worker.close()
     results = {name: summarize(values) for name, values in times.items()}
     reference = results.get("tf.function")
     for stats in results.values():

@@ -150,7 +150,7 @@ class EncodedBoxes(NamedTuple):
 def batched_non_max_suppression_v5(
     boxes: Tensor | EncodedBoxes,
     scores: Tensor,
-    groups: Tensor,
+    groups: Tensor | None,
     num_groups: int,
     max_output_size: int,
     iou_threshold: float = 0.5,
@@ -163,7 +163,8 @@ def batched_non_max_suppression_v5(
         boxes: ``[N, 4]`` float32 boxes (two opposite corners, e.g. ``yxyx``), or
             :class:`EncodedBoxes` for the compiled loop to decode where it needs them.
         scores: ``[N]`` float32 scores.
-        groups: ``[N]`` int64 group id in ``[0, num_groups)`` (class and/or image).
+        groups: ``[N]`` int64 group id in ``[0, num_groups)`` (class and/or image); ``None``:
+            one group (``num_groups == 1``).
         num_groups: number of groups ``G``.
         max_output_size: at most this many boxes kept per group.
         iou_threshold: hard NMS only: remove boxes with IoU ``> iou_threshold``.
@@ -188,8 +189,12 @@ def batched_non_max_suppression_v5(
     if max_output_size < 0:
         raise ValueError(f"max_output_size must be >= 0, got {max_output_size}")
     scores_np = _host(scores, np.float32)
-    groups_np = _host(groups, np.int64)
-    if groups_np.size and (groups_np.min() < 0 or groups_np.max() >= num_groups):
+    if groups is None and num_groups != 1:
+        raise ValueError(f"groups=None means one group, got num_groups={num_groups}")
+    groups_np = (np.zeros(scores_np.size, dtype=np.int64) if groups is None
+                 else _host(groups, np.int64))
+    if groups is not None and groups_np.size and (groups_np.min() < 0
+                                                  or groups_np.max() >= num_groups):
         raise ValueError(f"groups must lie in [0, {num_groups}), got "
                          f"[{groups_np.min()}, {groups_np.max()}]")
     picks = np.zeros((num_groups, max_output_size), dtype=np.int64)

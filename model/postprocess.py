@@ -242,14 +242,13 @@ def postprocess_global(
         candidates = EncodedBoxes(box_deltas.float().reshape(-1, 4), anchors)
     batch, num = scores.shape
     iou_threshold, score_threshold, sigma = nms.tf_nms_args()
-    groups = torch.arange(batch, device=scores.device)[:, None].expand(batch, num).reshape(-1)
+    groups = (None if batch == 1 else
+              torch.arange(batch, device=scores.device)[:, None].expand(batch, num).reshape(-1))
     picks, nms_scores, valid = batched_non_max_suppression_v5(
         candidates, scores.reshape(-1), groups, batch, nms.max_output_size,
         iou_threshold, score_threshold, sigma)
-    # Flat candidate index -> index within the image; padding rows point at candidate 0 as in TF.
-    real = torch.arange(nms.max_output_size, device=valid.device)[None, :] < valid[:, None]
-    offset = torch.arange(batch, device=picks.device)[:, None] * num
-    picks = torch.where(real, picks - offset, torch.zeros_like(picks))
+    # Flat candidate index -> index within the image (padding rows: 0, candidate 0 as in TF).
+    picks = picks % num
     if nms.max_nms_inputs > 0:
         nms_boxes = torch.gather(boxes, 1, picks[..., None].expand(-1, -1, 4))
         picked_classes = torch.gather(classes, 1, picks)

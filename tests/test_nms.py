@@ -506,3 +506,14 @@ def test_encoded_boxes_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="deltas must be"):
         batched_non_max_suppression_v5(nms.EncodedBoxes(torch.zeros(10, 4), torch.zeros(3, 4)),
                                        scores, groups, 1, 5)
+
+
+def test_no_groups_is_one_group():
+    rng = np.random.default_rng(4)
+    boxes, scores = (torch.from_numpy(a) for a in _clustered(rng, 500))
+    one = batched_non_max_suppression_v5(boxes, scores, None, 1, 50, **SOFT)
+    zeros = batched_non_max_suppression_v5(boxes, scores, torch.zeros(500, dtype=torch.long), 1,
+                                           50, **SOFT)
+    assert all(torch.equal(a, b) for a, b in zip(one, zeros)) and one[2].item() == 50
+    with pytest.raises(ValueError, match="one group"):
+        batched_non_max_suppression_v5(boxes, scores, None, 2, 50, **SOFT)
