@@ -6,7 +6,8 @@ Batch 1 at each variant's native size, random weights unless --weights (the netw
 not depend on them; post-processing's does). Each network path runs in its own process, as users
 run them (runtimes in one process slow each other: onnxruntime took 8% longer on d4 once
 TensorFlow was loaded beside it). The paths are timed round-robin (one call of each per round) so
-that a shared machine's load hits them alike; each gets --warmup untimed calls first. Post-processing is timed as ``predict()`` runs
+that a shared machine's load hits them alike, with a short pause between calls; each gets
+--warmup untimed calls first. Post-processing is timed as ``predict()`` runs
 it: on the outputs of a PyTorch forward pass made just before (not timed). Prints a table (median, spread = min..max of
 the middle half, ratio to TF) and writes --json.
 
@@ -41,6 +42,9 @@ from model import EfficientDet, flatten_outputs  # noqa: E402
 from model.postprocess import NmsConfig, postprocess  # noqa: E402
 from model.preprocess import load_image, preprocess_batch  # noqa: E402
 
+# Seconds between two timed calls: runtimes keep their idle threads spinning for a while after a
+# call (onnxruntime's made the next call, in another process, up to 2x slower).
+PAUSE_S = 0.05
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE = ROOT.parent / "shared" / "reference" / "img1.jpg"
 
@@ -227,6 +231,7 @@ def bench_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.runs):
         for name, call in paths.items():
+            time.sleep(PAUSE_S)
             times[name].append(call())
     notes = {key: value for worker in workers.values() for key, value in worker.notes.items()}
     for worker in workers.values():

@@ -46,8 +46,12 @@ class FusedConv2d(nn.Module):
     """``act(conv(x) + bias [+ residual])`` for one input size, TF 'SAME' padding included.
 
     ``weight``/``bias`` are the conv's with any BN already folded in; ``padding`` is
-    ``(top, bottom, left, right)``. Symmetric padding goes into the conv, asymmetric into one
-    ``pad_zeros`` first. ``residual`` is added before the activation (MBConv blocks add it after
+    ``(top, bottom, left, right)``. Symmetric padding goes into the conv. With ``onednn``, 'SAME'
+    padding one larger after than before (a strided conv on an even size) of a depthwise conv
+    becomes a leading zero row/column of its kernel and symmetric padding: the same sums without
+    a padded copy of the input (d4: 151 MB, 1.6x faster; a dense conv's extra products cost more
+    than its copy). Other asymmetric padding goes into one
+    ``pad_zeros`` (``F.pad`` without ``onednn``, which exporters fold into the conv) first. ``residual`` is added before the activation (MBConv blocks add it after
     BN with no activation, so they pass ``act=None``). ``act`` is used in place on the conv's
     own output. ``forward(x, weight=...)`` replaces the weight for one call (a squeeze-excite
     gate folded into the projection conv).
@@ -57,6 +61,10 @@ class FusedConv2d(nn.Module):
                  padding: tuple[int, int, int, int], groups: int = 1,
                  act: Optional[nn.Module] = None, onednn: bool = True):
         super().__init__()
+        top, bottom, left, right = padding
+        if onednn and groups > 1 and (bottom - top, right - left) in ((0, 1), (1, 0), (1, 1)):
+            weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+            top, left = bottom, right
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         # Always a bias (zeros for a depthwise conv without one): an exported conv without a
         # constant bias input is not rewritten into onnxruntime's blocked (NCHWc) kernels.
@@ -64,7 +72,6 @@ class FusedConv2d(nn.Module):
                                              device=weight.device) if bias is None else
                                  bias.detach().contiguous(), requires_grad=False)
         self.stride = [stride, stride]
-        top, bottom, left, right = padding
         symmetric = top == bottom and left == right
         self.padding = [top, left] if symmetric else [0, 0]
         self.pad = None if symmetric else (left, right, top, bottom)

@@ -196,6 +196,9 @@ class FusedFNode(nn.Module):
             [nn.Parameter(f, requires_grad=False) for f in factors])
         self.act_first = None if op.conv_bn_act else _inplace(op.act)
         self.conv = build.conv(op.conv, op.bn, op.act if op.conv_bn_act else None)
+        # One pass per input (x += node * factor) on CPU; exported graphs keep Mul + Add, which
+        # onnxruntime turns into a blocked depthwise conv with the sum fused.
+        self.multiply_add = build.onednn
 
     def forward(self, feats: list[torch.Tensor], level_sizes: list[tuple[int, int]]) -> torch.Tensor:
         target = level_sizes[self.level_index]
@@ -208,7 +211,10 @@ class FusedFNode(nn.Module):
         else:
             x = nodes[0] * self.factors[0]
             for node, factor in zip(nodes[1:], list(self.factors)[1:]):
-                x = x + node * factor
+                if self.multiply_add:
+                    x.addcmul_(node, factor)
+                else:
+                    x = x + node * factor
         if self.act_first is not None:
             x = self.act_first(x)
         return self.conv(x)

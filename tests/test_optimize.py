@@ -86,11 +86,17 @@ def test_optimized_outputs_equal_the_model_for_every_config_form(overrides):
 
 
 def test_optimized_net_has_no_bn_and_static_padding():
-    optimized = _model("efficientdet-lite0", NON_SQUARE).optimize()
-    modules = list(optimized.modules())
-    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Conv2d)) for m in modules)
-    fused = [m for m in modules if isinstance(m, FusedConv2d)]
-    assert fused and {m.pad is None for m in fused} == {True, False}   # both kinds of pad
+    model = _model("efficientdet-lite0", NON_SQUARE)
+    for onednn in (True, False):
+        modules = list(model.optimize(onednn=onednn).modules())
+        assert not any(isinstance(m, (nn.BatchNorm2d, nn.Conv2d)) for m in modules)
+        fused = [m for m in modules if isinstance(m, FusedConv2d)]
+        zero_extended = [m for m in fused if m.weight.shape[-1] % 2 == 0]
+        if onednn:   # every depthwise conv's asymmetric 'SAME' pad is in a zero-extended kernel
+            assert zero_extended and all(m.groups > 1 for m in zero_extended)
+            assert all(m.groups == 1 for m in fused if m.pad is not None)
+        else:        # both kinds of pad, kernels as trained (an export's Pad + Conv)
+            assert not zero_extended and {m.pad is None for m in fused} == {True, False}
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
@@ -100,7 +106,8 @@ def test_fused_conv_equals_conv_act_residual(onednn, act):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 6, 9, 12, generator=generator) * 4
     weight, bias = torch.randn(6, 1, 3, 3, generator=generator), torch.randn(6, generator=generator)
-    for stride, padding in [(1, (1, 1, 1, 1)), (2, (1, 1, 0, 1))]:
+    for stride, padding in [(1, (1, 1, 1, 1)), (2, (1, 1, 0, 1)), (2, (0, 1, 0, 1)),
+                            (2, (1, 2, 0, 1))]:
         fused = FusedConv2d(weight, bias, stride, padding, groups=6,
                             act=None if act is None else act(), onednn=onednn)
         top, bottom, left, right = padding
@@ -112,10 +119,9 @@ def test_fused_conv_equals_conv_act_residual(onednn, act):
             torch.testing.assert_close(fused(x), activate(expected), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fused(x, residual), activate(expected + residual),
                                        rtol=1e-5, atol=1e-5)
-        scaled = weight * 0.5
-        torch.testing.assert_close(fused(images, weight=scaled),
+        torch.testing.assert_close(fused(images, weight=fused.weight * 0.5),
                                    activate(F.conv2d(F.pad(images, (left, right, top, bottom)),
-                                                     scaled, bias, stride, groups=6)),
+                                                     weight * 0.5, bias, stride, groups=6)),
                                    rtol=1e-5, atol=1e-5)
 
 
