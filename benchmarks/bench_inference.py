@@ -189,6 +189,7 @@ class PathProcess:
 
     def __init__(self, path: str, variant: str, args: argparse.Namespace, workdir: Path):
         context = multiprocessing.get_context("spawn")
+        self.name = path
         self.connection, remote = context.Pipe()
         self.process = context.Process(target=serve_path, daemon=True,
                                        args=(path, variant, args, workdir, remote))
@@ -199,7 +200,11 @@ class PathProcess:
 
     def __call__(self) -> float:
         self.connection.send("run")
-        return float(self.connection.recv())
+        try:
+            return float(self.connection.recv())
+        except EOFError:
+            raise SystemExit(f"error: the {self.name} process died "
+                             f"(exit code {self.process.exitcode})") from None
 
     def close(self) -> None:
         self.connection.send("stop")
@@ -281,7 +286,10 @@ def main() -> None:
               "variants": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for variant in args.variants:
-            result = bench_variant(variant, args, Path(tmp))
+            try:
+                result = bench_variant(variant, args, Path(tmp))
+            except (ValueError, KeyError, OSError) as error:
+                raise SystemExit(f"error: {variant}: {error}") from None
             report["variants"].append(result)
             print(f"{result['variant']} {result['image_hw'][0]}x{result['image_hw'][1]}, "
                   f"{args.threads} threads, {args.runs} runs, load {os.getloadavg()[0]:.1f}")
