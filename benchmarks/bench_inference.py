@@ -97,7 +97,7 @@ def onnx_path(model: EfficientDet, images: torch.Tensor, threads: int, workdir: 
     from converter.export import export_model
     path = workdir / f"{model.config.name}.onnx"
     started = time.perf_counter()
-    export_model(model, "onnx", path)
+    export_model(model, "onnx", path, outputs="levels")   # per-level maps, as the other paths
     export_seconds = time.perf_counter() - started
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -220,8 +220,9 @@ def summary(report: MappingReport, config, source: Path, fmt: str, seconds: floa
 @click.option("--outputs", type=click.Choice(list(OUTPUT_KINDS)), default="raw",
               show_default=True,
               help="Export: raw head outputs (post-process on the host, any automl path), "
-                   "decoded boxes + sigmoid scores, or nms (ONNX only: automl's global path "
-                   "with hard NMS in the graph).")
+                   "levels (the network's per-level maps, NCHW, as model(x) returns them: the "
+                   "fastest graph), decoded boxes + sigmoid scores, or nms (ONNX only: "
+                   "automl's global path with hard NMS in the graph).")
 @click.option("--dynamic-batch", is_flag=True, help="Export: leave the batch dimension free.")
 @click.option("--sha256", default=None, metavar="HEX", callback=_parse_sha256,
               help="Expected sha256 of the release archive (checked after the download and on "

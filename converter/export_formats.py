@@ -8,4 +8,4 @@ GRAPH_FORMATS = ("onnx", "torchscript", "torch-export")
 #: ``--out`` suffix -> format, for ``convert --out F`` without ``--to``.
 EXPORT_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "torch-export"}
 #: What a graph returns (see ``converter.export``).
-OUTPUT_KINDS = ("raw", "decoded", "nms")
+OUTPUT_KINDS = ("raw", "levels", "decoded", "nms")

@@ -178,3 +178,25 @@ def test_format_names_without_torch_list_every_exporter():
     assert tuple(EXPORT_FORMATS) == FORMAT_NAMES
     assert set(GRAPH_FORMATS) <= set(FORMAT_NAMES)
     assert set(EXPORT_SUFFIXES.values()) <= set(GRAPH_FORMATS)
+
+
+@pytest.mark.slow
+def test_onnx_levels_are_the_network_outputs_and_post_process_like_raw(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = export_model(_model(), "onnx", tmp_path / "m.onnx", outputs="levels")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == (
+        [f"cls_level_{level}" for level in range(3, 8)]
+        + [f"box_level_{level}" for level in range(3, 8)])
+    images = _images(1)
+    outputs = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        class_outputs, box_outputs = _model()(images)
+    _assert_close(outputs, (*class_outputs, *box_outputs))
+    dets = postprocess_raw(_model().config, outputs[:5], outputs[5:], "global", 2.0)
+    cls_logits, box_deltas = flatten_outputs([torch.from_numpy(o) for o in outputs[:5]],
+                                             [torch.from_numpy(o) for o in outputs[5:]])
+    expected = postprocess_raw(_model().config, cls_logits, box_deltas, "global", 2.0)
+    assert int(dets.valid[0]) > 0
+    for field in ("boxes_yxyx", "scores", "classes", "valid"):
+        assert torch.equal(getattr(dets, field), getattr(expected, field))
