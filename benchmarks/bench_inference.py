@@ -7,9 +7,9 @@ not depend on them; post-processing's does). Each network path runs in its own p
 run them (runtimes in one process slow each other: onnxruntime took 8% longer on d4 once
 TensorFlow was loaded beside it). The paths are timed round-robin (one call of each per round) so
 that a shared machine's load hits them alike, with a short pause between calls; each gets
---warmup untimed calls first. Post-processing is timed as ``predict()`` runs
-it: on the outputs of a PyTorch forward pass made just before (not timed). Prints a table (median, spread = min..max of
-the middle half, ratio to TF) and writes --json.
+--warmup untimed calls first. Post-processing is timed as ``predict()`` runs it: on the outputs
+of a PyTorch forward pass made just before (not timed). Prints a table (median, spread =
+min..max of the middle half, ratio to TF) and writes --json.
 
     python benchmarks/bench_inference.py --variants efficientdet-d0 --automl-dir ../automl \\
         --json bench-d0.json

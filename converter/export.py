@@ -61,6 +61,9 @@ from .to_tf import tf_tensors, write_tf_checkpoint
 OUTPUT_NAMES = {"raw": ["cls_logits", "box_deltas"], "decoded": ["boxes_yxyx", "scores"],
                 "nms": ["detections"]}
 
+# ONNX opset: 18 is onnxruntime's long-supported default for torch.onnx's exporter.
+ONNX_OPSET = 18
+
 
 def output_names(outputs: str, config: Any) -> list[str]:
     """The graph's output names (``levels``: one per head and level of ``config``)."""
@@ -68,8 +71,6 @@ def output_names(outputs: str, config: Any) -> list[str]:
         return OUTPUT_NAMES[outputs]
     levels = range(config.min_level, config.max_level + 1)
     return [f"{head}_level_{level}" for head in ("cls", "box") for level in levels]
-# ONNX opset: 18 is onnxruntime's long-supported default for torch.onnx's exporter.
-ONNX_OPSET = 18
 
 
 class ExportError(ConversionError, ValueError):

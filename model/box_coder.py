@@ -57,10 +57,16 @@ def decode_boxes_host(deltas: Tensor, anchors_yxyx: Tensor) -> Tensor:
         return decode_boxes(deltas, anchors_yxyx)
     flat = deltas.detach().reshape(-1, 4)
     anchors = anchors_yxyx.detach().to(torch.float32).reshape(-1, 4).contiguous()
-    exp_h, exp_w = torch.exp(flat[:, 2]), torch.exp(flat[:, 3])
     boxes = np.empty((flat.shape[0], 4), dtype=np.float32)
-    kernel(flat.contiguous().numpy(), exp_h.numpy(), exp_w.numpy(), anchors.numpy(), boxes)
+    kernel(flat.contiguous().numpy(), *exp_sizes(flat), anchors.numpy(), boxes)
     return torch.from_numpy(boxes).reshape(deltas.shape)
+
+
+def exp_sizes(deltas: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(exp(th), exp(tw))`` of float32 CPU ``deltas [N, 4]`` as numpy arrays, computed by
+    ``torch.exp`` as :func:`decode_boxes` computes them: the compiled decoders take these values,
+    so their boxes are bit-identical to ``decode_boxes``'."""
+    return torch.exp(deltas[:, 2]).numpy(), torch.exp(deltas[:, 3]).numpy()
 
 
 # automl's FasterRcnnBoxCoder clamps sizes at this value before dividing and taking logs.

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .box_coder import decode_boxes
+from .box_coder import decode_boxes, exp_sizes
 from .jit_kernels import compiled
 
 # The pyfunc methods automl's nms_np.nms dispatches on ('' / None also mean hard).
@@ -206,10 +206,8 @@ def batched_non_max_suppression_v5(
                      picks, picked_scores, valid)
         if isinstance(boxes, EncodedBoxes):
             deltas = boxes.deltas.detach().cpu().float()
-            exp_h, exp_w = torch.exp(deltas[:, 2]), torch.exp(deltas[:, 3])  # as decode_boxes
-            kernels.select_groups_encoded(_host(deltas, np.float32), exp_h.numpy(),
-                                          exp_w.numpy(), _host(boxes.anchors, np.float32),
-                                          *arguments)
+            kernels.select_groups_encoded(_host(deltas, np.float32), *exp_sizes(deltas),
+                                          _host(boxes.anchors, np.float32), *arguments)
         else:
             select = kernels.select_groups if kernels else select_groups_python
             select(_host(boxes, np.float32), *arguments)

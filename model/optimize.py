@@ -11,8 +11,10 @@ untouched:
   oneDNN primitive on CPU float32); a squeeze-excite gate is folded into the projection conv's
   weight for batch 1 instead of scaling the expanded activation;
 * the strided convs' TF 'SAME' padding is computed once for the fixed input size (symmetric
-  padding goes into the conv itself, asymmetric into one ``pad_zeros``);
-* BiFPN fusion weights are normalised once (``w_i / (sum + eps)``, softmax) into coefficients;
+  padding goes into the conv itself; asymmetric padding of a depthwise conv into a zero-extended
+  kernel with symmetric padding, otherwise into one ``pad_zeros``);
+* BiFPN fusion weights are normalised once (``w_i / (sum + eps)``, softmax) into coefficients,
+  applied with one multiply-add pass per input (exports keep Mul + Add);
 * weights and input in ``channels_last`` (oneDNN's native layout for the convs);
 * on CPU, glibc keeps freed memory in the process (``model.host_memory``) so that each call does
   not page-fault its activations in again;
@@ -196,8 +198,8 @@ class FusedFNode(nn.Module):
             [nn.Parameter(f, requires_grad=False) for f in factors])
         self.act_first = None if op.conv_bn_act else _inplace(op.act)
         self.conv = build.conv(op.conv, op.bn, op.act if op.conv_bn_act else None)
-        # One pass per input (x += node * factor) on CPU; exported graphs keep Mul + Add, which
-        # onnxruntime turns into a blocked depthwise conv with the sum fused.
+        # One pass per input (x += node * factor) except for export (onednn=False), whose graphs
+        # keep Mul + Add: onnxruntime turns them into a blocked depthwise conv with the sum fused.
         self.multiply_add = build.onednn
 
     def forward(self, feats: list[torch.Tensor], level_sizes: list[tuple[int, int]]) -> torch.Tensor:

@@ -239,7 +239,8 @@ def postprocess_global(
         _check_heads(cls_logits, box_deltas, anchors_yxyx)
         scores = torch.sigmoid(cls_logits.float().amax(dim=-1))
         anchors = anchors_yxyx.to(device=box_deltas.device, dtype=torch.float32)
-        candidates = EncodedBoxes(box_deltas.float().reshape(-1, 4), anchors)
+        box_deltas = box_deltas.float()
+        candidates = EncodedBoxes(box_deltas.reshape(-1, 4), anchors)
     batch, num = scores.shape
     iou_threshold, score_threshold, sigma = nms.tf_nms_args()
     groups = (None if batch == 1 else
@@ -253,7 +254,7 @@ def postprocess_global(
         nms_boxes = torch.gather(boxes, 1, picks[..., None].expand(-1, -1, 4))
         picked_classes = torch.gather(classes, 1, picks)
     else:
-        deltas = torch.gather(box_deltas.float(), 1, picks[..., None].expand(-1, -1, 4))
+        deltas = torch.gather(box_deltas, 1, picks[..., None].expand(-1, -1, 4))
         nms_boxes = decode_boxes_host(deltas, anchors[picks])
         picked_classes = _first_max_class(cls_logits, picks)
     nms_classes = (picked_classes + CLASS_OFFSET).float()
